@@ -1,0 +1,591 @@
+"""The on-disk index rows: ``IDX/embeddings.h5``, the source of truth of an index directory.
+
+Format (public; ``format_version`` 1)
+-------------------------------------
+An HDF5 file. Root attributes:
+
+==================  =========  ==========================================================
+``format``          str        always ``"mgdedup-index"``
+``format_version``  int        ``1``; readers refuse versions they do not know
+``model_id``        str        fingerprint of the weights (trunk + classifier)
+``model_name``      str        human-readable model name
+``resolution``      int        test resolution the images were embedded at
+``p``               float      GeM exponent used at that resolution
+``whitening_id``    str        fingerprint of the whitening, ``""`` if none
+``dim``             int        descriptor dimension D
+``roots``           str        JSON list of absolute root folders (row ``root`` indexes it)
+``updated``         str        ISO 8601 UTC time of the last write
+==================  =========  ==========================================================
+
+Datasets, one row per image, all of length N, chunked, resizable (``maxshape`` None) and
+uncompressed (see "Why no compression" below):
+
+==============  ===================  ========================================================
+``paths``       vlen UTF-8 str (N,)  path relative to its root, ``/``-separated
+``root``        int32 (N,)           index into ``roots``
+``size``        int64 (N,)           file size in bytes
+``mtime_ns``    int64 (N,)           file modification time, ns since the epoch
+``digest``      ASCII S32 (N,)       blake2b-128 hex digest of the file bytes
+``width``       int32 (N,)           pixels after EXIF orientation
+``height``      int32 (N,)           pixels after EXIF orientation
+``embeddings``  float32 (N, D)       L2-normalised descriptors: what search compares
+``gem_norm``    float32 (N,)         ||g|| of the raw GeM vector
+``white_norm``  float32 (N,)         norm of the whitened vector before its final L2
+                                     normalisation (1.0 without whitening)
+==============  ===================  ========================================================
+
+``gem_norm`` and ``white_norm`` let the folded classifier run on the stored descriptor, so
+``classify --index`` needs no image. Rows are appended in batches; if a writer died between
+columns, readers use the shortest column length and the next append repairs the others.
+
+Concurrency: why every operation opens and closes the file
+----------------------------------------------------------
+HDF5 without SWMR is not safe to read while another process writes it, and SWMR would forbid
+variable-length strings and need ``libver="latest"`` (unreadable by older HDF5). So the file is
+opened with HDF5 file locking (``locking="best-effort"``: shared lock for readers, exclusive for
+the writer; silently unlocked on filesystems without ``flock``) and :class:`IndexStore` holds no
+handle between calls: each public method opens the file, does its work and closes it. The
+writer's exclusive window is therefore one ``append`` (milliseconds), readers slip in between
+batches, and a call that meets a lock retries for up to ``lock_timeout`` seconds.
+
+A read-mode store sees a snapshot: the row count fixed at ``open`` (or ``refresh``). Appends by
+other processes are invisible until ``refresh``/reopen, which keeps columns read in separate
+calls consistent. If the file is replaced (compaction by another process), row numbers are no
+longer valid and reads raise :class:`MgdedupError`.
+
+Why no compression: ``embeddings`` are random-looking floats (gzip saves little, costs a lot),
+and a compressed chunk rewritten by a later append moves inside the file, leaving holes HDF5
+never reuses across opens. Each append (one reopen) also starts a new 4 KiB global heap block
+for the ``paths`` strings; batches of a few hundred rows keep that overhead small, and
+:meth:`IndexStore.compact` (or any ``remove_rows``) rewrites the file without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+
+from mgdedup.errors import MgdedupError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mgdedup-index"
+FORMAT_VERSION = 1
+H5_NAME = "embeddings.h5"
+DIGEST_CHARS = 32
+
+_PATH_DTYPE = h5py.string_dtype("utf-8")
+_DIGEST_DTYPE = h5py.string_dtype("ascii", DIGEST_CHARS)
+#: one-dimensional columns and their on-disk dtypes (``embeddings`` is handled apart)
+_COLUMNS: dict[str, Any] = {
+    "paths": _PATH_DTYPE,
+    "root": np.int32,
+    "size": np.int64,
+    "mtime_ns": np.int64,
+    "digest": _DIGEST_DTYPE,
+    "width": np.int32,
+    "height": np.int32,
+    "gem_norm": np.float32,
+    "white_norm": np.float32,
+}
+DATASETS = (*_COLUMNS, "embeddings")
+_SCALAR_CHUNK_ROWS = 4096
+_EMBEDDING_CHUNK_BYTES = 256 * 1024
+_COPY_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class IndexMeta:
+    """What the rows were computed with; two indexes are comparable only if these agree."""
+
+    model_id: str
+    model_name: str
+    resolution: int
+    p: float
+    whitening_id: str
+    dim: int
+    roots: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.resolution, self.dim, self.p = int(self.resolution), int(self.dim), float(self.p)
+        if self.dim <= 0 or self.resolution <= 0:
+            raise ValueError(f"dim and resolution must be positive, got {self.dim}, "
+                             f"{self.resolution}")
+        self.roots = _check_roots(self.roots)
+
+    def mismatch(self, other: IndexMeta) -> str | None:
+        """Why descriptors of `other` cannot be mixed with these (None if they can)."""
+        for name in ("model_id", "resolution", "p", "whitening_id", "dim"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{name} differs ({mine!r} vs {theirs!r})"
+        return None
+
+
+@dataclass
+class RowBatch:
+    """Rows to append (or read back): one entry per image, every field of length n."""
+
+    paths: list[str]
+    root: np.ndarray
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    digest: list[str]
+    width: np.ndarray
+    height: np.ndarray
+    embeddings: np.ndarray
+    gem_norm: np.ndarray
+    white_norm: np.ndarray
+
+    def __post_init__(self) -> None:
+        """Coerce to the on-disk dtypes and refuse ragged or lossy input early, before a
+        half-written append could make the columns disagree."""
+        self.paths = [str(p) for p in self.paths]
+        self.digest = [str(d) for d in self.digest]
+        n = len(self.paths)
+        for name, dtype in (("root", np.int32), ("size", np.int64), ("mtime_ns", np.int64),
+                            ("width", np.int32), ("height", np.int32),
+                            ("gem_norm", np.float32), ("white_norm", np.float32)):
+            setattr(self, name, _coerce(name, getattr(self, name), dtype, (n,)))
+        emb = np.asarray(self.embeddings)
+        if emb.ndim != 2 or emb.shape[0] != n:
+            raise ValueError(f"embeddings must be ({n}, dim), got {emb.shape}")
+        self.embeddings = _coerce("embeddings", emb, np.float32, emb.shape)
+        if len(self.digest) != n:
+            raise ValueError(f"digest has {len(self.digest)} entries, expected {n}")
+        for d in self.digest:
+            if len(d) != DIGEST_CHARS or not d.isascii():
+                raise ValueError(f"digest must be {DIGEST_CHARS} ASCII hex chars, got {d!r}")
+        for p in self.paths:
+            if not p or p.startswith("/"):
+                raise ValueError(f"paths must be relative to their root, got {p!r}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def select(self, rows: np.ndarray) -> RowBatch:
+        """The rows at `rows` (indices or boolean mask), in that order."""
+        rows = np.asarray(rows)
+        idx = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return RowBatch(**{k: [v[i] for i in idx] if isinstance(v, list) else v[idx]
+                           for k, v in values.items()})
+
+
+def _coerce(name: str, value: Any, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.size and not np.can_cast(arr.dtype, dtype, "same_kind"):
+        raise ValueError(f"{name}: cannot store {arr.dtype} as {np.dtype(dtype)}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    return arr
+
+
+def _check_roots(roots: Sequence[str]) -> list[str]:
+    out = [os.path.normpath(str(r)) for r in roots]
+    for r in out:
+        if not os.path.isabs(r):
+            raise ValueError(f"index roots must be absolute paths, got {r!r}")
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _h5_open(path: Path, mode: str, lock_timeout: float) -> h5py.File:
+    """Open with HDF5 locking, retrying while another process holds a conflicting lock."""
+    deadline = time.monotonic() + lock_timeout
+    delay = 0.01
+    while True:
+        try:
+            return h5py.File(path, mode, locking="best-effort")
+        except BlockingIOError:
+            pass  # another process holds the lock: wait for its (short) window to close
+        except FileNotFoundError as exc:
+            raise MgdedupError(f"index file not found: {path}") from exc
+        except OSError as exc:
+            if "already open" not in str(exc):  # same process, another thread: wait too
+                raise MgdedupError(f"index file is corrupt: {path} ({_one_line(exc)})") from exc
+        if time.monotonic() >= deadline:
+            raise MgdedupError(f"index file {path} is locked by another process (an "
+                               f"`mgdedup index` run?); try again when it finishes")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _read_meta(f: h5py.File, path: Path) -> IndexMeta:
+    attrs = f.attrs
+    if attrs.get("format") != FORMAT:
+        raise MgdedupError(f"not an mgdedup index: {path}")
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise MgdedupError(f"index {path} has format version {version}; this mgdedup reads "
+                           f"version {FORMAT_VERSION} (upgrade mgdedup or rebuild the index)")
+    try:
+        meta = IndexMeta(model_id=str(attrs["model_id"]), model_name=str(attrs["model_name"]),
+                         resolution=int(attrs["resolution"]), p=float(attrs["p"]),
+                         whitening_id=str(attrs["whitening_id"]), dim=int(attrs["dim"]),
+                         roots=list(json.loads(attrs["roots"])))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise MgdedupError(f"index file is corrupt: {path} (bad attribute: "
+                           f"{_one_line(exc)})") from exc
+    for name in DATASETS:
+        if name not in f:
+            raise MgdedupError(f"index file is corrupt: {path} (missing dataset {name!r})")
+    if f["embeddings"].ndim != 2 or f["embeddings"].shape[1] != meta.dim:
+        raise MgdedupError(f"index file is corrupt: {path} (embeddings are not N x {meta.dim})")
+    return meta
+
+
+def _row_count(f: h5py.File) -> int:
+    """Rows every column has: a writer that died mid-append leaves some columns longer."""
+    lengths = {name: f[name].shape[0] for name in DATASETS}
+    n = min(lengths.values())
+    if max(lengths.values()) != n:
+        log.warning("index columns have different lengths %s; using the first %d rows",
+                    lengths, n)
+    return n
+
+
+def _write_meta(f: h5py.File, meta: IndexMeta) -> None:
+    f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "model_id": meta.model_id, "model_name": meta.model_name,
+                    "resolution": meta.resolution, "p": meta.p,
+                    "whitening_id": meta.whitening_id, "dim": meta.dim,
+                    "roots": json.dumps(meta.roots), "updated": _now()})
+
+
+def _create_datasets(f: h5py.File, dim: int, rows: int = 0) -> None:
+    for name, dtype in _COLUMNS.items():
+        f.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=dtype,
+                         chunks=(_SCALAR_CHUNK_ROWS,))
+    chunk_rows = int(np.clip(_EMBEDDING_CHUNK_BYTES // (4 * dim), 16, 65536))
+    f.create_dataset("embeddings", shape=(rows, dim), maxshape=(None, dim), dtype=np.float32,
+                     chunks=(chunk_rows, dim))
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+class IndexStore:
+    """Rows of one index file. Use :meth:`create` or :meth:`open`; see the module docstring
+    for the format and for why no HDF5 handle is held between calls."""
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "r",
+                 lock_timeout: float = 30.0) -> None:
+        """Prefer :meth:`open`, which checks the file first and explains what is wrong."""
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        self.path = Path(path)
+        self.mode = mode
+        self.lock_timeout = lock_timeout
+        self._closed = False
+        self.refresh()
+
+    # --- opening ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], meta: IndexMeta, *,
+               lock_timeout: float = 30.0) -> IndexStore:
+        """A new empty index (writable). Never overwrites: an existing index is user data."""
+        path = Path(path)
+        if path.exists():
+            raise MgdedupError(f"index file already exists: {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with h5py.File(path, "x", locking="best-effort") as f:
+                _write_meta(f, meta)
+                _create_datasets(f, meta.dim)
+        except FileExistsError as exc:
+            raise MgdedupError(f"index file already exists: {path}") from exc
+        except OSError as exc:
+            raise MgdedupError(f"cannot create index file {path}: {_one_line(exc)}") from exc
+        log.info("created index %s (model %s, dim %d)", path, meta.model_name, meta.dim)
+        return cls(path, "a", lock_timeout)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], mode: str = "r", *,
+             lock_timeout: float = 30.0) -> IndexStore:
+        """An existing index, read-only ("r") or appendable ("a"), after checking it is one."""
+        path = Path(path)
+        if not path.is_file():
+            what = "is a directory, not an index file" if path.is_dir() else "not found"
+            raise MgdedupError(f"index file {what}: {path}")
+        if not os.access(path, os.R_OK if mode == "r" else os.R_OK | os.W_OK):
+            raise MgdedupError(f"no permission to {'read' if mode == 'r' else 'write'} "
+                               f"index file {path}")
+        if not h5py.is_hdf5(path):
+            raise MgdedupError(f"not an mgdedup index (not an HDF5 file): {path}")
+        return cls(path, mode, lock_timeout)
+
+    def refresh(self) -> None:
+        """Re-read attributes and row count: picks up rows other processes appended."""
+        self._check_open()
+        with self._h5("r") as f:
+            self._meta = _read_meta(f, self.path)
+            self._n = _row_count(f)
+            self._file_id = _file_id(self.path)
+
+    def close(self) -> None:
+        """Nothing is held between calls; closing only forbids further use."""
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- metadata --------------------------------------------------------------------------
+    @property
+    def meta(self) -> IndexMeta:
+        return IndexMeta(**{f.name: getattr(self._meta, f.name) for f in fields(IndexMeta)})
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return f"IndexStore({str(self.path)!r}, mode={self.mode!r}, rows={self._n})"
+
+    def set_roots(self, roots: list[str]) -> None:
+        """Replace the root list (e.g. a new folder was indexed); rows keep their indices."""
+        self._check_writable()
+        roots = _check_roots(roots)
+        with self._h5("a") as f:
+            used = f["root"][: _row_count(f)]
+            if used.size and int(used.max()) >= len(roots):
+                raise ValueError(f"rows refer to root {int(used.max())}, only {len(roots)} "
+                                 f"roots given")
+            f.attrs["roots"] = json.dumps(roots)
+            f.attrs["updated"] = _now()
+        self._meta.roots = roots
+
+    # --- writing ---------------------------------------------------------------------------
+    def append(self, batch: RowBatch) -> None:
+        """Add rows at the end and flush, so an interruption loses at most this batch."""
+        self._check_writable()
+        if batch.dim != self._meta.dim:
+            raise ValueError(f"batch has dim {batch.dim}, index has {self._meta.dim}")
+        if len(batch) and (batch.root.min() < 0 or batch.root.max() >= len(self._meta.roots)):
+            raise ValueError(f"root index out of range for {len(self._meta.roots)} roots")
+        k = len(batch)
+        if k == 0:
+            return
+        with self._h5("a") as f:
+            n = _row_count(f)  # another writer may have appended since we last looked
+            for name in _COLUMNS:
+                ds = f[name]
+                ds.resize((n + k,))
+                ds[n:] = getattr(batch, name)
+            emb = f["embeddings"]
+            emb.resize((n + k, self._meta.dim))
+            emb[n:] = batch.embeddings
+            f.attrs["updated"] = _now()
+            f.flush()
+        self._n = n + k
+
+    def remove_rows(self, indices: Sequence[int] | np.ndarray) -> None:
+        """Drop rows (deleted files) by rewriting the file compactly; later rows move up."""
+        self._check_writable()
+        idx = np.unique(np.asarray(indices, dtype=np.int64))
+        if idx.size == 0:
+            return
+        if idx[0] < 0 or idx[-1] >= self._n:
+            raise IndexError(f"row {idx[0] if idx[0] < 0 else idx[-1]} out of range for "
+                             f"{self._n} rows")
+        keep = np.ones(self._n, dtype=bool)
+        keep[idx] = False
+        self._rewrite(keep)
+        log.info("removed %d rows from %s", idx.size, self.path)
+
+    def compact(self) -> None:
+        """Rewrite the file without the space many small appends leave behind."""
+        self._check_writable()
+        self._rewrite(np.ones(self._n, dtype=bool))
+
+    def _rewrite(self, keep: np.ndarray) -> None:
+        """Copy kept rows block by block into ``<name>.tmp`` and atomically swap it in."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        n_keep = int(keep.sum())
+        block = max(1, _COPY_BLOCK_BYTES // (4 * self._meta.dim))
+        src = _h5_open(self.path, "r", self.lock_timeout)
+        try:
+            # the source stays open read-only throughout: its shared lock keeps other writers out
+            self._check_same_file()
+            if _row_count(src) != self._n:
+                raise MgdedupError(f"index {self.path} changed while being compacted; run again")
+            with h5py.File(tmp, "w", locking="best-effort") as dst:
+                for key, value in src.attrs.items():
+                    dst.attrs[key] = value
+                dst.attrs["updated"] = _now()
+                _create_datasets(dst, self._meta.dim, n_keep)
+                out = 0
+                for start in range(0, self._n, block):
+                    mask = keep[start:start + block]
+                    m = int(mask.sum())
+                    if m == 0:
+                        continue
+                    for name in DATASETS:
+                        dst[name][out:out + m] = src[name][start:start + len(mask)][mask]
+                    out += m
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise MgdedupError(f"cannot rewrite index file {self.path}: "
+                               f"{_one_line(exc)}") from exc
+        finally:
+            src.close()
+            if tmp.exists():
+                tmp.unlink()
+        self._n = n_keep
+        self._file_id = _file_id(self.path)
+
+    # --- reading ---------------------------------------------------------------------------
+    def read(self, name: str, rows: slice | Sequence[int] | np.ndarray | None = None
+             ) -> np.ndarray:
+        """One column for all rows, a slice, or given row indices (any order, repeats ok).
+
+        ``paths`` come back as an object array of str, ``digest`` as ``<U32``.
+        ``embeddings`` work too but read a contiguous span; prefer :meth:`iter_embeddings`.
+        """
+        if name not in DATASETS:
+            raise ValueError(f"unknown column {name!r}; columns: {', '.join(DATASETS)}")
+        with self._reading() as f:
+            ds = f[name]
+            if name == "paths":
+                ds = ds.asstr()
+            out = _take(ds, rows, self._n)
+        if name == "digest":
+            out = out.astype(f"U{DIGEST_CHARS}")
+        return out
+
+    def embeddings(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Descriptors of rows [start, stop) as float32 (stop None: to the end)."""
+        start, stop, _ = slice(start, stop).indices(self._n)
+        with self._reading() as f:
+            return f["embeddings"][start:max(start, stop)]
+
+    def iter_embeddings(self, block_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, block) pairs covering all rows; the file is closed between blocks."""
+        if block_rows <= 0:
+            raise ValueError("block_rows must be positive")
+        for start in range(0, self._n, block_rows):
+            yield start, self.embeddings(start, start + block_rows)
+
+    def batch(self, start: int = 0, stop: int | None = None) -> RowBatch:
+        """Rows [start, stop) as a RowBatch, e.g. to copy them into another index (merge)."""
+        start, stop, _ = slice(start, stop).indices(self._n)
+        stop = max(start, stop)
+        with self._reading() as f:
+            cols = {name: f[name][start:stop] for name in _COLUMNS if name != "paths"}
+            cols["paths"] = list(f["paths"].asstr()[start:stop])
+            cols["digest"] = [d.decode("ascii") for d in cols["digest"]]
+            cols["embeddings"] = f["embeddings"][start:stop]
+        return RowBatch(**cols)
+
+    def absolute_path(self, i: int) -> str:
+        """The file of row i: its root joined with its relative path."""
+        if not -self._n <= i < self._n:
+            raise IndexError(f"row {i} out of range for {self._n} rows")
+        i %= self._n
+        root = int(self.read("root", [i])[0])
+        return _join(self._meta.roots[root], self.read("paths", [i])[0])
+
+    def absolute_paths(self) -> list[str]:
+        """Files of every row, in row order."""
+        roots = self._meta.roots
+        return [_join(roots[r], p)
+                for r, p in zip(self.read("root").tolist(), self.read("paths"))]
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"index store {self.path} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.mode != "a":
+            raise ValueError(f"index store {self.path} was opened read-only")
+
+    def _check_same_file(self) -> None:
+        """Row numbers are only meaningful in the file they came from."""
+        try:
+            same = _file_id(self.path) == self._file_id
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise MgdedupError(f"index {self.path} was rewritten or removed by another "
+                               f"process while in use; run the command again")
+
+    @contextmanager
+    def _h5(self, mode: str) -> Iterator[h5py.File]:
+        """A short-lived handle; HDF5 I/O errors become one-line user errors."""
+        self._check_open()
+        # "r+", not h5py's "a": a file deleted meanwhile must not be recreated empty
+        f = _h5_open(self.path, "r+" if mode == "a" else mode, self.lock_timeout)
+        try:
+            yield f
+        except OSError as exc:
+            what = "is corrupt" if mode == "r" else "cannot be written"
+            raise MgdedupError(f"index file {what}: {self.path} ({_one_line(exc)})") from exc
+        finally:
+            f.close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[h5py.File]:
+        with self._h5("r") as f:
+            self._check_same_file()
+            yield f
+
+
+def _join(root: str, rel: str) -> str:
+    return os.path.join(root, *rel.split("/"))
+
+
+def _take(ds: Any, rows: slice | Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+    """Rows of a 1-D or 2-D dataset limited to the first n (the snapshot)."""
+    if rows is None:
+        return np.asarray(ds[:n])
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(n)
+        if step == 1:
+            return np.asarray(ds[start:max(start, stop)])
+        return np.asarray(ds[:n])[rows]
+    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if idx.size == 0:
+        return np.asarray(ds[0:0])
+    idx = np.where(idx < 0, idx + n, idx)
+    if idx.min() < 0 or idx.max() >= n:
+        raise IndexError(f"row index out of range for {n} rows")
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    if uniq.size <= 1024:  # point selection: cheap for a few rows anywhere in the file
+        data = np.asarray(ds[uniq])
+    else:  # many rows: one contiguous read is far faster than a huge point selection
+        data = np.asarray(ds[int(uniq[0]):int(uniq[-1]) + 1])[uniq - uniq[0]]
+    return data[inverse]
