@@ -1,0 +1,3 @@
+from mgdedup.cli import main
+
+main()

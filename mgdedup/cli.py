@@ -1,0 +1,342 @@
+"""The `mgdedup` command line: a thin shell over the library.
+
+Data (tables, JSON, CSV) goes to stdout; messages and progress bars go to stderr. A user
+mistake prints one line and exits with 1; usage errors exit with 2 (Typer's own).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mgdedup.errors import MgdedupError
+
+app = typer.Typer(
+    name="mgdedup", no_args_is_help=True, add_completion=False,
+    help="Find copies and near-duplicates in image collections, and classify images, "
+         "from one MultiGrain embedding.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True)
+log = logging.getLogger("mgdedup")
+
+F = TypeVar("F", bound=Callable[..., object])
+
+DEFAULT_RESOLUTION = 500
+DEFAULT_THRESHOLD = 0.9
+
+ModelOption = Annotated[str | None, typer.Option(
+    "--model", "-m", help="Built-in name, name of a file in a weights folder, or a model file "
+                          "path. Default: the embedded EfficientNet-Lite0.")]
+IndexOption = Annotated[Path | None, typer.Option(
+    "--index", "-i", help="Index folder. Default: one in the current directory, else the one "
+                          "written last.")]
+WorkersOption = Annotated[int | None, typer.Option(
+    "--workers", min=0, help="Image decoding processes (0: decode in the main process).")]
+
+
+def user_errors(command: F) -> F:
+    """Turn MgdedupError into one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return command(*args, **kwargs)
+        except MgdedupError as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; finished batches are saved, run the command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def configure(verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                                    help="Log details to stderr.")] = False
+              ) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", force=True,
+                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Progress]:
+    """A progress bar on stderr, hidden when stderr is not a terminal."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+                        transient=True, disable=not err.is_terminal)
+    with progress:
+        yield progress
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+@app.command()
+@user_errors
+def index(
+    folders: Annotated[list[Path], typer.Argument(help="Folders (or image files) to index.")],
+    resolution: Annotated[int, typer.Option("--resolution", "-r", min=32, max=4096,
+                                            help="Test resolution s*.")] = DEFAULT_RESOLUTION,
+    model: ModelOption = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Index folder. Default: .mgdedup/ inside the first folder.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    workers: WorkersOption = None,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    rebuild: Annotated[bool, typer.Option(
+        "--rebuild", help="Replace an index built with another model or resolution.")] = False,
+) -> None:
+    """Embed every image below FOLDERS; re-running only embeds new or changed files.
+
+    Example: mgdedup index ~/photos --resolution 500
+    """
+    from mgdedup.indexer import ProgressHooks, update_index
+    from mgdedup.locate import default_index_dir
+    from mgdedup.registry import canonical_spec, load_model
+
+    spec = canonical_spec(model)
+    loaded = load_model(spec)
+    index_dir = out.expanduser() if out is not None else default_index_dir(folders)
+    with progress_bar("embedding") as progress:
+        task = progress.add_task("embedding", total=None)
+        hooks = ProgressHooks(start=lambda total: progress.update(task, total=total),
+                              advance=lambda count: progress.advance(task, count))
+        summary = update_index(folders, index_dir, loaded, spec, resolution,
+                               batch_size=batch_size, workers=workers, rebuild=rebuild,
+                               device=device, progress=hooks)
+    line = (f"{summary.embedded} indexed, {summary.skipped} skipped"
+            + (f" (see {summary.errors_path})" if summary.skipped else "")
+            + f"; {summary.unchanged} unchanged, {summary.removed} removed; "
+              f"{summary.total} images in {summary.index_dir}")
+    err.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def dedup(
+    index_dir: IndexOption = None,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", "-t", min=-1.0, max=1.0,
+        help="Cosine similarity to the keeper at or above which a file is a duplicate.")
+    ] = DEFAULT_THRESHOLD,
+    output_format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here, not stdout.")
+                   ] = None,
+) -> None:
+    """Print duplicate groups: a keeper (most pixels, then largest file) and its copies.
+
+    Example: mgdedup dedup --threshold 0.9 --format json
+    """
+    from mgdedup.dedup import find_duplicates
+    from mgdedup.locate import find_index
+    from mgdedup.report import groups_to_csv, groups_to_json, print_groups_table
+
+    where = find_index(index_dir)
+    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    result = find_duplicates(where, threshold)
+    if output_format is Format.table and out is None:
+        print_groups_table(result.groups, result.facts, Console())
+    else:
+        if output_format is Format.json:
+            text = groups_to_json(result.groups, result.facts, threshold) + "\n"
+        elif output_format is Format.csv:
+            text = groups_to_csv(result.groups, result.facts)
+        else:
+            buffer = Console(record=True, width=160, file=io.StringIO())
+            print_groups_table(result.groups, result.facts, buffer)
+            text = buffer.export_text()
+        _write_output(text, out)
+    err.print(f"{len(result.groups)} groups, {result.duplicate_count} duplicates, "
+              f"{result.reclaimable_bytes / 1e6:.1f} MB reclaimable at threshold {threshold:g}",
+              highlight=False)
+
+
+def _write_output(text: str, out: Path | None) -> None:
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        out.expanduser().write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise MgdedupError(f"cannot write {out}: {error.strerror}") from None
+    err.print(f"wrote {out}", highlight=False)
+
+
+@app.command()
+@user_errors
+def search(
+    images: Annotated[list[Path], typer.Argument(help="Query images.")],
+    index_dir: IndexOption = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 10,
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Nearest indexed images for each query image.
+
+    Example: mgdedup search some.jpg -k 10
+    """
+    from mgdedup.locate import find_index
+    from mgdedup.lookup import search_index
+
+    where = find_index(index_dir)
+    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    results = search_index(where, images, k=k, model_spec=model)
+    for result in results:
+        if result.error:
+            err.print(f"skipped {result.query}: {result.error}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps([{"query": r.query, "results": [{"path": p, "score": round(s, 6)}
+                                                              for p, s in r.results]}
+                               for r in results if r.error is None], ensure_ascii=False, indent=2))
+    else:
+        for result in results:
+            if result.error is None:
+                typer.echo(result.query)
+                for path, score in result.results:
+                    typer.echo(f"  {score:.3f}  {path}")
+    if all(r.error for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def classify(
+    images: Annotated[list[Path] | None, typer.Argument(help="Images to classify.")] = None,
+    index_dir: IndexOption = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Classes per image.")] = 5,
+    resolution: Annotated[int, typer.Option("--resolution", "-r", min=32, max=4096)] = 224,
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Top ImageNet classes of images, or of every indexed image with --index (no image read).
+
+    Example: mgdedup classify img.jpg -k 5
+    """
+    from mgdedup.classify import classify_images, classify_index
+
+    if images:
+        from mgdedup.registry import load_model
+
+        predictions = classify_images(load_model(model), images, resolution, k=k)
+    elif index_dir is not None:
+        from mgdedup.locate import find_index
+
+        predictions = classify_index(find_index(index_dir), k=k, model_spec=model)
+    else:
+        raise MgdedupError("give images to classify, or --index to classify an index")
+    for prediction in predictions:
+        if prediction.error:
+            err.print(f"skipped {prediction.path}: {prediction.error}", highlight=False)
+    good = [p for p in predictions if p.error is None]
+    if as_json:
+        typer.echo(json.dumps([{"path": p.path, "top": [{"index": i, "label": label,
+                                                         "prob": round(q, 6)}
+                                                        for i, label, q in p.top]}
+                               for p in good], ensure_ascii=False, indent=2))
+    else:
+        for prediction in good:
+            typer.echo(prediction.path)
+            for _, label, probability in prediction.top:
+                typer.echo(f"  {probability:6.1%}  {label}")
+    if not good:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def whiten(
+    folders: Annotated[list[Path], typer.Argument(help="Folders of unlabelled images.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New model file to write.")],
+    resolution: Annotated[int, typer.Option("--resolution", "-r", min=32, max=4096)
+                          ] = DEFAULT_RESOLUTION,
+    dim: Annotated[int | None, typer.Option("--dim", min=1,
+                                               help="Keep the top DIM components.")] = None,
+    model: ModelOption = None,
+    workers: WorkersOption = None,
+) -> None:
+    """Learn PCA whitening at one resolution and write a model file that carries it.
+
+    Example: mgdedup whiten ~/unlabelled --resolution 500 --out my-model.pt
+    """
+    from mgdedup.checkpoint import save_model
+    from mgdedup.fit_whitening import whiten_model
+    from mgdedup.registry import load_model
+
+    out = out.expanduser()
+    if out.exists():
+        raise MgdedupError(f"{out} exists; choose another --out (never overwritten)")
+    with progress_bar("embedding") as progress:
+        task = progress.add_task("embedding", total=None)
+        whitened, report = whiten_model(
+            load_model(model), folders, resolution, dim, workers=workers,
+            on_start=lambda total: progress.update(task, total=total),
+            on_progress=lambda count: progress.advance(task, count))
+    whitened.info.name = out.stem
+    save_model(whitened, out)
+    err.print(f"whitening {report.dim}-d fitted on {report.images} images at resolution "
+              f"{resolution} (p*={report.whitening.p:g}), {report.skipped} skipped; wrote {out}",
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def demo(
+    folder: Annotated[Path | None, typer.Argument(
+        help="Where to write the sample (default: a temporary folder).")] = None,
+    resolution: Annotated[int, typer.Option("--resolution", "-r", min=32, max=4096)] = 224,
+    threshold: Annotated[float, typer.Option("--threshold", "-t")] = DEFAULT_THRESHOLD,
+) -> None:
+    """Generate images with planted copies, index them and print the duplicate groups."""
+    from mgdedup.dedup import find_duplicates
+    from mgdedup.indexer import update_index
+    from mgdedup.locate import INDEX_DIRNAME
+    from mgdedup.registry import DEFAULT_MODEL, load_model
+    from mgdedup.report import print_groups_table
+    from mgdedup.synthetic import make_collection
+
+    with tempfile.TemporaryDirectory(prefix="mgdedup-demo-") as tmp:
+        target = (folder.expanduser() if folder is not None else Path(tmp)).resolve()
+        collection = make_collection(target, originals=10, copies_per_edit=1, seed=7)
+        err.print(f"generated {len(collection.originals)} images and "
+                  f"{len(collection.copies)} edited copies in {target}", highlight=False)
+        summary = update_index([target], target / INDEX_DIRNAME, load_model(DEFAULT_MODEL),
+                               DEFAULT_MODEL, resolution, workers=0)
+        result = find_duplicates(summary.index_dir, threshold)
+        print_groups_table(result.groups, result.facts, Console())
+        found = {frozenset((result.facts[g.keeper].path, result.facts[row].path))
+                 for g in result.groups for row, _ in g.members}
+        planted = [frozenset((str(o.resolve()), str(c.resolve())))
+                   for o, c, _ in collection.copies]
+        hits = sum(pair in found for pair in planted)
+        err.print(f"found {hits} of {len(planted)} planted copies at threshold {threshold:g}",
+                  highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,47 @@
+"""Nearest indexed images for query images, embedded exactly as the index was."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mgdedup.embed import Embedder
+from mgdedup.errors import MgdedupError
+from mgdedup.locate import H5_NAME
+from mgdedup.registry import load_model_for_index
+from mgdedup.search import ensure_index, knn
+from mgdedup.store import IndexStore
+
+
+@dataclass
+class QueryResult:
+    query: str
+    results: list[tuple[str, float]]  # (absolute path, cosine similarity), best first
+    error: str | None = None
+
+
+def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
+                 model_spec: str | None = None, workers: int = 0) -> list[QueryResult]:
+    """Top-k neighbours of each query image; unreadable queries carry their error."""
+    if k < 1:
+        raise MgdedupError("-k must be at least 1")
+    with IndexStore.open(Path(index_dir) / H5_NAME) as store:
+        meta = store.meta
+        model = load_model_for_index(meta.model_name, meta.model_id, model_spec)
+        embedder = Embedder(model, meta.resolution, workers=workers)
+        if abs(embedder.p - meta.p) > 1e-9:  # the model's table changed since indexing
+            embedder.p = meta.p
+        index = ensure_index(Path(index_dir), store)
+        paths = [str(p) for p in store.absolute_paths()]
+        results: list[QueryResult] = [QueryResult(str(q), []) for q in queries]
+        for batch in embedder.embed_files(list(queries), digest=False):
+            for position, reason in batch.errors:
+                results[position].error = reason
+            if not batch.positions:
+                continue
+            scores, ids = knn(index, batch.descriptors.descriptors, k)
+            for row, position in enumerate(batch.positions):
+                results[position].results = [(paths[i], float(s))
+                                             for s, i in zip(scores[row], ids[row]) if i >= 0]
+    return results

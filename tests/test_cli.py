@@ -1,0 +1,229 @@
+"""The main job end to end through the CLI, on generated images with planted copies."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import copy_tree, family_of
+from PIL import Image
+from typer.testing import CliRunner
+
+from mgdedup.cli import app
+from mgdedup.synthetic import random_scene
+from mgdedup.trunks.efficientnet_lite import EfficientNetLite0
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def indexed(planted, tmp_path_factory):
+    """The planted collection indexed once at the default resolution."""
+    folder = copy_tree(planted.folder, tmp_path_factory.mktemp("indexed") / "collection")
+    result = run("index", folder, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def _family(planted, folder: Path) -> dict[str, int]:
+    """family ids keyed by the path in the copied folder"""
+    base = family_of(planted)
+    root = str(planted.folder.resolve())
+    return {str(folder.resolve()) + path[len(root):]: fam for path, fam in base.items()}
+
+
+def test_index_summary_line_and_files(indexed):
+    assert (indexed / ".mgdedup" / "embeddings.h5").is_file()
+    assert (indexed / ".mgdedup" / "faiss.index").is_file()
+    assert (indexed / ".mgdedup" / "errors.jsonl").read_text() == ""
+
+
+def test_dedup_finds_planted_copies_without_mixing(indexed, planted):
+    result = run("dedup", "--index", indexed / ".mgdedup", "--format", "json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["threshold"] == 0.9
+    family = _family(planted, indexed)
+    found = set()
+    for group in document["groups"]:
+        keeper = group["keeper"]
+        assert Path(keeper).is_absolute()
+        for member in group["members"]:
+            assert member["score"] >= 0.9
+            # no group mixes unrelated generated images
+            assert family[member["path"]] == family[keeper], (keeper, member)
+            found.add(frozenset((keeper, member["path"])))
+    root = str(indexed.resolve())
+    offset = len(str(planted.folder.resolve()))
+    planted_pairs = {frozenset((root + str(o.resolve())[offset:], root + str(c.resolve())[offset:]))
+                     for o, c, _ in planted.copies}
+    recall = len(planted_pairs & found) / len(planted_pairs)
+    assert recall >= 0.9, sorted(map(sorted, planted_pairs - found))
+
+
+def test_keeper_is_the_largest_version(indexed):
+    document = json.loads(run("dedup", "--index", indexed / ".mgdedup", "--format", "json").stdout)
+    for group in document["groups"]:
+        keeper_pixels = np.prod(Image.open(group["keeper"]).size)
+        for member in group["members"]:
+            assert np.prod(Image.open(member["path"]).size) <= keeper_pixels
+
+
+def test_csv_and_table_agree_with_json(indexed):
+    document = json.loads(run("dedup", "--index", indexed / ".mgdedup", "--format", "json").stdout)
+    rows = list(csv.DictReader(io.StringIO(run("dedup", "--index", indexed / ".mgdedup",
+                                               "--format", "csv").stdout)))
+    keepers = [r["path"] for r in rows if r["role"] == "keeper"]
+    assert keepers == [g["keeper"] for g in document["groups"]]
+    assert len(rows) == sum(1 + len(g["members"]) for g in document["groups"])
+    table = run("dedup", "--index", indexed / ".mgdedup").stdout
+    for group in document["groups"]:
+        assert Path(group["keeper"]).name in table
+
+
+def test_dedup_finds_index_from_current_directory_and_last_used(indexed, monkeypatch, tmp_path):
+    monkeypatch.chdir(indexed)
+    here = run("dedup", "--format", "json")
+    assert here.exit_code == 0 and str(indexed.resolve()) in here.stderr
+    monkeypatch.chdir(tmp_path)  # no index here: the last written one is used
+    remembered = run("dedup", "--format", "json")
+    assert remembered.exit_code == 0 or "no index found" in remembered.stderr
+
+
+def test_search_returns_the_original_first(indexed, planted):
+    original, copy, _ = planted.copies[0]
+    result = run("search", copy, "--index", indexed / ".mgdedup", "-k", "3", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document[0]["query"] == str(copy)
+    top = document[0]["results"]
+    assert len(top) == 3 and top[0]["score"] >= top[1]["score"] >= top[2]["score"]
+    names = [Path(r["path"]).name for r in top[:2]]
+    assert original.name in names  # the copy itself (indexed elsewhere) and its original
+
+
+def test_classify_images_and_index_agree(planted, tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    images = planted.originals[:4]
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    assert run("index", folder, "--resolution", "224", "--workers", "0").exit_code == 0
+    direct = run("classify", *[folder / i.name for i in images], "--json", "-k", "3")
+    assert direct.exit_code == 0, direct.output
+    from_index = run("classify", "--index", folder / ".mgdedup", "--json", "-k", "3")
+    assert from_index.exit_code == 0, from_index.output
+    by_path = {d["path"]: d["top"] for d in json.loads(from_index.stdout)}
+    for prediction in json.loads(direct.stdout):
+        stored = by_path[str(Path(prediction["path"]).resolve())]
+        assert [t["index"] for t in stored] == [t["index"] for t in prediction["top"]]
+        for a, b in zip(stored, prediction["top"]):
+            assert abs(a["prob"] - b["prob"]) < 1e-4
+            assert a["label"] == b["label"] and isinstance(a["label"], str)
+
+
+def _count_trunk_images(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = EfficientNetLite0.forward_features
+
+    def counting(self, images):
+        calls.append(images.shape[0])
+        return original(self, images)
+
+    monkeypatch.setattr(EfficientNetLite0, "forward_features", counting)
+    return calls
+
+
+def test_reindex_is_incremental(planted, tmp_path, monkeypatch):
+    folder = copy_tree(planted.folder, tmp_path / "c")
+    calls = _count_trunk_images(monkeypatch)
+    assert run("index", folder, "-r", "224", "--workers", "0").exit_code == 0
+    assert sum(calls) == 40
+    calls.clear()
+    again = run("index", folder, "-r", "224", "--workers", "0")
+    assert again.exit_code == 0 and sum(calls) == 0, again.stderr
+    assert "0 indexed" in again.stderr and "40 unchanged" in again.stderr
+    # one changed, one deleted, one added
+    changed = folder / "photos" / "IMG_0003.png"
+    random_scene(np.random.default_rng(99)).save(changed)
+    (folder / "photos" / "IMG_0004.png").unlink()
+    random_scene(np.random.default_rng(98)).save(folder / "photos" / "new.png")
+    calls.clear()
+    third = run("index", folder, "-r", "224", "--workers", "0")
+    assert third.exit_code == 0
+    assert sum(calls) == 2, third.stderr
+    assert "2 indexed" in third.stderr and "2 removed" in third.stderr
+    from mgdedup.store import IndexStore
+
+    with IndexStore.open(folder / ".mgdedup" / "embeddings.h5") as store:
+        paths = sorted(store.read("paths"))
+    assert len(paths) == 40 and "photos/IMG_0004.png" not in paths and "photos/new.png" in paths
+    assert len(set(paths)) == len(paths)
+
+
+def test_unreadable_files_are_reported_and_skipped(planted, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for image in planted.originals[:3]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.jpg").write_bytes(planted.originals[0].read_bytes()[:200])
+    (folder / "notes.jpg").write_text("not an image")
+    result = run("index", folder, "-r", "224", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "3 indexed, 2 skipped" in result.stderr
+    errors = [json.loads(line) for line in
+              (folder / ".mgdedup" / "errors.jsonl").read_text().splitlines()]
+    assert sorted(Path(e["path"]).name for e in errors) == ["broken.jpg", "notes.jpg"]
+    assert all(e["reason"] for e in errors)
+
+
+def _assert_one_line_error(result, *words):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_user_errors_are_one_line(tmp_path, planted, indexed):
+    _assert_one_line_error(run("index", tmp_path / "missing"), "no such folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_one_line_error(run("index", empty), "no images")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("hello")
+    _assert_one_line_error(run("index", texts), "no images")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    _assert_one_line_error(run("index", indexed, "--model", corrupt), "corrupt.pt")
+    _assert_one_line_error(run("dedup", "--index", tmp_path / "nowhere"), "no mgdedup index")
+    _assert_one_line_error(run("index", indexed, "--resolution", "224"), "--rebuild")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(_Payload.target),))
+
+
+def test_malicious_model_file_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    _Payload.target = str(marker)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": _Payload()}))
+    folder = tmp_path / "one"
+    folder.mkdir()
+    random_scene(np.random.default_rng(0)).save(folder / "a.png")
+    result = run("index", folder, "--model", evil)
+    _assert_one_line_error(result, "evil.pt")
+    assert not marker.exists()
