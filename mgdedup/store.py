@@ -14,6 +14,7 @@ An HDF5 file. Root attributes:
 ``whitening_id``    str        fingerprint of the whitening, ``""`` if none
 ``dim``             int        descriptor dimension D
 ``roots``           str        JSON list of absolute root folders (row ``root`` indexes it)
+``threshold``       float      optional: the model's measured default duplicate threshold
 ``updated``         str        ISO 8601 UTC time of the last write
 ==================  =========  ==========================================================
 
@@ -119,6 +120,7 @@ class IndexMeta:
     whitening_id: str
     dim: int
     roots: list[str] = field(default_factory=list)
+    threshold: float | None = None  # default `dedup` threshold measured for these descriptors
 
     def __post_init__(self) -> None:
         self.resolution, self.dim, self.p = int(self.resolution), int(self.dim), float(self.p)
@@ -249,7 +251,8 @@ def _read_meta(f: h5py.File, path: Path) -> IndexMeta:
         meta = IndexMeta(model_id=str(attrs["model_id"]), model_name=str(attrs["model_name"]),
                          resolution=int(attrs["resolution"]), p=float(attrs["p"]),
                          whitening_id=str(attrs["whitening_id"]), dim=int(attrs["dim"]),
-                         roots=list(json.loads(attrs["roots"])))
+                         roots=list(json.loads(attrs["roots"])),
+                         threshold=float(attrs["threshold"]) if "threshold" in attrs else None)
     except (KeyError, ValueError, TypeError) as exc:
         raise MgdedupError(f"index file is corrupt: {path} (bad attribute: "
                            f"{_one_line(exc)})") from exc
@@ -277,6 +280,8 @@ def _write_meta(f: h5py.File, meta: IndexMeta) -> None:
                     "resolution": meta.resolution, "p": meta.p,
                     "whitening_id": meta.whitening_id, "dim": meta.dim,
                     "roots": json.dumps(meta.roots), "updated": _now()})
+    if meta.threshold is not None:
+        f.attrs["threshold"] = float(meta.threshold)
 
 
 def _create_datasets(f: h5py.File, dim: int, rows: int = 0) -> None:
