@@ -19,6 +19,9 @@ from mgdedup.whitening import Whitening, fit_whitening
 
 log = logging.getLogger(__name__)
 
+#: eigenvalue rank at which `whiten` floors the spectrum (best micro-AP on real photos)
+DEFAULT_FLOOR_RANK = 512
+
 
 @dataclass
 class WhiteningReport:
@@ -53,7 +56,11 @@ def whiten_model(model: MultiGrainModel, folders: list[Path], resolution: int,
     if dim is not None and dim > min(x.shape[0] - 1, x.shape[1]):
         log.warning("only %d images: keeping at most %d whitened dimensions", x.shape[0],
                     min(x.shape[0] - 1, x.shape[1]))
-    whitening = fit_whitening(x, resolution=resolution, p=embedder.p, dim=dim)
+    if dim is None:  # invertible (exact classification), weak directions floored
+        whitening = fit_whitening(x, resolution=resolution, p=embedder.p,
+                                  floor_rank=DEFAULT_FLOOR_RANK)
+    else:
+        whitening = fit_whitening(x, resolution=resolution, p=embedder.p, dim=dim)
     whitened = copy.deepcopy(model)
     whitened.whitenings[int(resolution)] = whitening
     return whitened, WhiteningReport(images=x.shape[0], skipped=skipped, dim=whitening.dim,

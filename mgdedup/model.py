@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,9 @@ from mgdedup.whitening import ANY_RESOLUTION, Whitening
 
 #: p* used at a resolution when the model carries no measured table (MULTIGRAIN.md section 4)
 DEFAULT_P_STAR = 3.0
+#: duplicate threshold for descriptors without a measured one (plain l2n(g): precision 1.0 on
+#: the real-photo copy benchmark, see BENCHMARKS.md)
+DEFAULT_THRESHOLD = 0.9
 
 
 @dataclass
@@ -83,8 +87,24 @@ class MultiGrainModel(nn.Module):
         return float(p0 + (p1 - p0) * (resolution - s0) / (s1 - s0))
 
     def whitening_for(self, resolution: int) -> Whitening | None:
-        """Whitening is specific to one (s*, p*): only the one fitted at this resolution applies."""
-        return self.whitenings.get(int(resolution), self.whitenings.get(ANY_RESOLUTION))
+        """Whitening is specific to one (s*, p*): the one fitted at this resolution, else one
+        fitted for any resolution, else the one fitted nearest to it (closest scale ratio),
+        which whitens far better than none at all."""
+        if int(resolution) in self.whitenings:
+            return self.whitenings[int(resolution)]
+        if ANY_RESOLUTION in self.whitenings:
+            return self.whitenings[ANY_RESOLUTION]
+        if not self.whitenings:
+            return None
+        nearest = min(self.whitenings, key=lambda size: abs(math.log(size / resolution)))
+        return self.whitenings[nearest]
+
+    def default_threshold(self, resolution: int) -> float:
+        """The measured duplicate threshold of this resolution's descriptors."""
+        whitening = self.whitening_for(resolution)
+        if whitening is not None and whitening.threshold is not None:
+            return whitening.threshold
+        return DEFAULT_THRESHOLD
 
     def descriptor_dim(self, resolution: int) -> int:
         """Length of the stored descriptor at this resolution (whitening may reduce it)."""

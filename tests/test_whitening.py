@@ -42,3 +42,29 @@ def test_folded_classifier_reproduces_logits_at_full_rank():
     folded_weight, folded_bias = whitening.fold(weight, bias)
     logits = g.norm(dim=1, keepdim=True) * (y @ folded_weight.T + folded_bias) + bias
     assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_floored_whitening_is_invertible_and_folds_exactly():
+    g = _gem_vectors(n=30, d=24, seed=2)  # fewer images than needed for a full-rank fit
+    x = F.normalize(g, dim=1)
+    whitening = fit_whitening(x.numpy(), resolution=500, p=3.0, floor_rank=6)
+    assert whitening.dim == 24
+    y = whitening.apply(x)
+    # the strongest directions are whitened: unit variance along the top eigenvectors
+    top = np.linalg.eigh(np.cov(y.double().numpy(), rowvar=False))[0][::-1][:6]
+    assert np.allclose(top, 1.0, atol=1e-3)
+    weight, bias = torch.randn(7, 24), torch.randn(7)
+    folded_weight, folded_bias = whitening.fold(weight, bias)
+    logits = g.norm(dim=1, keepdim=True) * (y @ folded_weight.T + folded_bias) + bias
+    assert torch.allclose(logits, g @ weight.T + bias, atol=1e-4, rtol=1e-4)
+
+
+def test_compact_floored_form_rebuilds_the_same_map():
+    from mgdedup.whitening import Whitening, compact_floored
+
+    x = F.normalize(_gem_vectors(n=200, d=24, seed=3), dim=1)
+    whitening = fit_whitening(x.numpy(), resolution=224, p=3.0, floor_rank=8)
+    data = compact_floored(whitening, floor_rank=8)
+    assert data["basis"].shape == (7, 24) or data["basis"].shape == (8, 24)
+    rebuilt = Whitening.from_dict(data)
+    assert torch.allclose(rebuilt.apply(x), whitening.apply(x), atol=1e-4)
