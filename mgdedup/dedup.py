@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mgdedup.grouping import Group, keeper_order, star_groups
 from mgdedup.locate import H5_NAME
+from mgdedup.model import DEFAULT_THRESHOLD
 from mgdedup.report import FileFacts
 from mgdedup.search import ensure_index, range_pairs
 from mgdedup.store import IndexStore
@@ -34,9 +35,16 @@ def file_facts(store: IndexStore) -> list[FileFacts]:
             for path, w, h, s in zip(paths, widths, heights, sizes)]
 
 
-def find_duplicates(index_dir: Path, threshold: float, block_rows: int = 16384) -> DedupResult:
-    """Every member of a group has cosine similarity >= threshold to its group's keeper."""
+def find_duplicates(index_dir: Path, threshold: float | None = None,
+                    block_rows: int = 16384) -> DedupResult:
+    """Every member of a group has cosine similarity >= threshold to its group's keeper.
+
+    Without a threshold, the one measured for the index's descriptors is used.
+    """
     with IndexStore.open(Path(index_dir) / H5_NAME) as store:
+        if threshold is None:
+            threshold = store.meta.threshold if store.meta.threshold is not None else \
+                DEFAULT_THRESHOLD
         index = ensure_index(Path(index_dir), store)
         i, j, scores = range_pairs(index, store.iter_embeddings(block_rows), threshold)
         facts = file_facts(store)

@@ -56,6 +56,7 @@ def expected_meta(embedder: Embedder, model_name: str, roots: list[str]) -> Inde
         resolution=embedder.resolution, p=float(embedder.p),
         whitening_id=whitening.identifier if whitening is not None else "",
         dim=embedder.model.descriptor_dim(embedder.resolution), roots=roots,
+        threshold=embedder.model.default_threshold(embedder.resolution),
     )
 
 
