@@ -231,3 +231,36 @@ def test_malicious_model_file_is_refused_and_does_not_run(tmp_path):
     result = run("index", folder, "--model", evil)
     _assert_one_line_error(result, "evil.pt")
     assert not marker.exists()
+
+
+def test_whiten_writes_a_model_that_indexes_and_classifies_exactly(planted, tmp_path):
+    folder = tmp_path / "w"
+    folder.mkdir()
+    for image in planted.originals[:12]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    model_file = tmp_path / "mine.pt"
+    result = run("whiten", folder, "--resolution", "224", "--out", model_file, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "fitted on 12 images" in result.stderr
+    again = run("whiten", folder, "--resolution", "224", "--out", model_file)
+    _assert_one_line_error(again, "exists")  # never overwritten
+
+    from mgdedup.checkpoint import load_model_file
+
+    whitened = load_model_file(model_file)
+    assert 224 in whitened.whitenings and whitened.whitenings[224].dim == 1280
+    # an index of the default model refuses descriptors of the whitened one
+    assert run("index", folder, "-r", "224", "--workers", "0").exit_code == 0
+    _assert_one_line_error(run("index", folder, "-r", "224", "--model", model_file), "--rebuild")
+    rebuilt = run("index", folder, "-r", "224", "--model", model_file, "--rebuild",
+                  "--workers", "0")
+    assert rebuilt.exit_code == 0, rebuilt.output
+    # classification from the stored whitened rows equals classification of the images
+    direct = json.loads(run("classify", *sorted(folder.glob("*.png")), "--model", model_file,
+                            "--json").stdout)
+    stored = {d["path"]: d["top"] for d in
+              json.loads(run("classify", "--index", folder / ".mgdedup", "--json").stdout)}
+    for prediction in direct:
+        top = stored[str(Path(prediction["path"]).resolve())]
+        assert [t["index"] for t in top] == [t["index"] for t in prediction["top"]]
+        assert all(abs(a["prob"] - b["prob"]) < 1e-4 for a, b in zip(top, prediction["top"]))
