@@ -11,9 +11,9 @@ import torch
 
 from mgdedup.embed import Embedder
 from mgdedup.errors import MgdedupError
+from mgdedup.index_model import model_for_index
 from mgdedup.locate import H5_NAME
 from mgdedup.model import Descriptors, MultiGrainModel
-from mgdedup.registry import load_model_for_index
 from mgdedup.store import IndexStore
 
 
@@ -61,7 +61,7 @@ def classify_index(index_dir: Path, k: int = 5, model_spec: str | None = None,
         raise MgdedupError("-k must be at least 1")
     with IndexStore.open(Path(index_dir) / H5_NAME) as store:
         meta = store.meta
-        model = load_model_for_index(meta.model_name, meta.model_id, model_spec)
+        model = model_for_index(meta, model_spec)
         paths = [str(p) for p in store.absolute_paths()]
         gem_norm, white_norm = store.read("gem_norm"), store.read("white_norm")
         predictions: list[Prediction] = []

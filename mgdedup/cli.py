@@ -158,8 +158,8 @@ def dedup(
     from mgdedup.report import groups_to_csv, groups_to_json, print_groups_table
 
     where = find_index(index_dir)
-    err.print(f"index: {where}", highlight=False, soft_wrap=True)
     result = find_duplicates(where, threshold)
+    err.print(f"index: {where}", highlight=False, soft_wrap=True)
     if output_format is Format.table and out is None:
         print_groups_table(result.groups, result.facts, Console())
     else:
@@ -206,8 +206,8 @@ def search(
     from mgdedup.lookup import search_index
 
     where = find_index(index_dir)
-    err.print(f"index: {where}", highlight=False, soft_wrap=True)
     results = search_index(where, images, k=k, model_spec=model)
+    err.print(f"index: {where}", highlight=False, soft_wrap=True)
     for result in results:
         if result.error:
             err.print(f"skipped {result.query}: {result.error}", highlight=False)

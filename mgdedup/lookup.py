@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mgdedup.embed import Embedder
 from mgdedup.errors import MgdedupError
+from mgdedup.index_model import model_for_index
 from mgdedup.locate import H5_NAME
-from mgdedup.registry import load_model_for_index
 from mgdedup.search import ensure_index, knn
 from mgdedup.store import IndexStore
 
@@ -28,10 +28,9 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
         raise MgdedupError("-k must be at least 1")
     with IndexStore.open(Path(index_dir) / H5_NAME) as store:
         meta = store.meta
-        model = load_model_for_index(meta.model_name, meta.model_id, model_spec)
+        model = model_for_index(meta, model_spec)
         embedder = Embedder(model, meta.resolution, workers=workers)
-        if abs(embedder.p - meta.p) > 1e-9:  # the model's table changed since indexing
-            embedder.p = meta.p
+        embedder.p = meta.p  # as the rows were computed, even if the model's p* table changed
         index = ensure_index(Path(index_dir), store)
         paths = [str(p) for p in store.absolute_paths()]
         results: list[QueryResult] = [QueryResult(str(q), []) for q in queries]

@@ -100,19 +100,3 @@ def load_model(spec: str | None = None) -> MultiGrainModel:
     log.debug("model %s (%s)", canonical, model.fingerprint())
     return model
 
-
-def load_model_for_index(model_name: str, model_id: str, override: str | None = None
-                         ) -> MultiGrainModel:
-    """The model that built an index: queries must be embedded by the very same weights."""
-    spec = override if override is not None else model_name
-    try:
-        model = load_model(spec)
-    except MgdedupError as error:
-        if override is not None:
-            raise
-        raise MgdedupError(f"the index was built with model {model_name}, which cannot be "
-                           f"loaded now ({error}); pass --model") from None
-    if model.fingerprint() != model_id:
-        raise MgdedupError(f"the index was built with another model ({model_name}, "
-                           f"{model_id}); {spec} is {model.fingerprint()}")
-    return model

@@ -255,6 +255,11 @@ def test_whiten_writes_a_model_that_indexes_and_classifies_exactly(planted, tmp_
     rebuilt = run("index", folder, "-r", "224", "--model", model_file, "--rebuild",
                   "--workers", "0")
     assert rebuilt.exit_code == 0, rebuilt.output
+    query = planted.originals[0]
+    _assert_one_line_error(run("search", query, "--index", folder / ".mgdedup", "--model",
+                               "default"), "another model")
+    found = json.loads(run("search", query, "--index", folder / ".mgdedup", "--json").stdout)
+    assert Path(found[0]["results"][0]["path"]).name == query.name  # uses the index's model
     # classification from the stored whitened rows equals classification of the images
     direct = json.loads(run("classify", *sorted(folder.glob("*.png")), "--model", model_file,
                             "--json").stdout)
