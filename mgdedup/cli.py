@@ -278,6 +278,10 @@ def whiten(
                           ] = DEFAULT_RESOLUTION,
     dim: Annotated[int | None, typer.Option("--dim", min=1,
                                                help="Keep the top DIM components.")] = None,
+    calibration_images: Annotated[int, typer.Option(
+        "--calibration-images", min=0,
+        help="Measure the default dedup threshold on edited copies of this many of the "
+             "images (0: keep the generic one).")] = 100,
     model: ModelOption = None,
     workers: WorkersOption = None,
 ) -> None:
@@ -296,13 +300,16 @@ def whiten(
         task = progress.add_task("embedding", total=None)
         whitened, report = whiten_model(
             load_model(model), folders, resolution, dim, workers=workers,
+            calibration_images=calibration_images,
             on_start=lambda total: progress.update(task, total=total),
             on_progress=lambda count: progress.advance(task, count))
     whitened.info.name = out.stem
     save_model(whitened, out)
+    threshold = report.whitening.threshold
     err.print(f"whitening {report.dim}-d fitted on {report.images} images at resolution "
-              f"{resolution} (p*={report.whitening.p:g}), {report.skipped} skipped; wrote {out}",
-              highlight=False, soft_wrap=True)
+              f"{resolution} (p*={report.whitening.p:g}), {report.skipped} skipped"
+              + (f"; default threshold {threshold:g}" if threshold is not None else "")
+              + f"; wrote {out}", highlight=False, soft_wrap=True)
 
 
 @app.command()

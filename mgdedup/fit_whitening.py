@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
+from mgdedup.calibration import pair_metrics, write_edited_copies
 from mgdedup.embed import Embedder
 from mgdedup.errors import MgdedupError
 from mgdedup.model import MultiGrainModel
@@ -32,7 +35,8 @@ class WhiteningReport:
 
 
 def whiten_model(model: MultiGrainModel, folders: list[Path], resolution: int,
-                 dim: int | None = None, *, workers: int | None = None,
+                 dim: int | None = None, *, calibration_images: int = 100,
+                 workers: int | None = None,
                  on_start: Callable[[int], None] | None = None,
                  on_progress: Callable[[int], None] | None = None
                  ) -> tuple[MultiGrainModel, WhiteningReport]:
@@ -44,12 +48,14 @@ def whiten_model(model: MultiGrainModel, folders: list[Path], resolution: int,
     embedder = Embedder(model, resolution, workers=workers)
     if on_start is not None:
         on_start(len(files))
-    vectors, skipped = [], 0
-    for batch in embedder.embed_files([f.path for f in files], digest=False, keep_gem=True,
+    vectors, readable, skipped = [], [], 0
+    paths = [f.path for f in files]
+    for batch in embedder.embed_files(paths, digest=False, keep_gem=True,
                                       on_progress=on_progress):
         skipped += len(batch.errors)
         if batch.gem is not None:
             vectors.append(F.normalize(batch.gem, dim=1).numpy())
+            readable.extend(paths[i] for i in batch.positions)
     if not vectors:
         raise MgdedupError("none of the images could be read")
     x = np.concatenate(vectors).astype(np.float32)
@@ -61,7 +67,32 @@ def whiten_model(model: MultiGrainModel, folders: list[Path], resolution: int,
                                   floor_rank=DEFAULT_FLOOR_RANK)
     else:
         whitening = fit_whitening(x, resolution=resolution, p=embedder.p, dim=dim)
+    if calibration_images > 0:
+        chosen = np.linspace(0, len(readable) - 1, min(calibration_images, len(readable)))
+        chosen = np.unique(chosen.round().astype(int))
+        whitening.threshold = calibrate_threshold(embedder, whitening, x[chosen],
+                                                  [readable[i] for i in chosen])
     whitened = copy.deepcopy(model)
     whitened.whitenings[int(resolution)] = whitening
     return whitened, WhiteningReport(images=x.shape[0], skipped=skipped, dim=whitening.dim,
                                      whitening=whitening)
+
+
+def calibrate_threshold(embedder: Embedder, whitening: Whitening, originals: np.ndarray,
+                        paths: list[Path], target_precision: float = 0.99) -> float | None:
+    """The cosine reaching `target_precision` on edited copies of some fitting images (the
+    edits of mgdedup.synthetic). Optimistic since these images also fitted the whitening;
+    None when the target is never reached."""
+    with tempfile.TemporaryDirectory(prefix="mgdedup-calibrate-") as tmp:
+        copies, family = write_edited_copies(paths, Path(tmp))
+        gem = [batch.gem for batch in embedder.embed_files(copies, digest=False, keep_gem=True)
+               if batch.gem is not None]
+    if not gem:
+        return None
+    x = torch.cat([torch.from_numpy(originals), F.normalize(torch.cat(gem), dim=1)])
+    descriptors = F.normalize(whitening.apply(x), dim=1).numpy()
+    families = np.concatenate([np.arange(len(paths)), np.array(family)])
+    metrics = pair_metrics(descriptors, families, target_precision)
+    log.info("calibration: micro-AP %.4f, threshold %s for precision %.2f (recall %.3f)",
+             metrics.micro_ap, metrics.threshold, target_precision, metrics.recall_at_threshold)
+    return None if metrics.threshold is None else round(metrics.threshold, 4)

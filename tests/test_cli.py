@@ -239,7 +239,8 @@ def test_whiten_writes_a_model_that_indexes_and_classifies_exactly(planted, tmp_
     for image in planted.originals[:12]:
         (folder / image.name).write_bytes(image.read_bytes())
     model_file = tmp_path / "mine.pt"
-    result = run("whiten", folder, "--resolution", "224", "--out", model_file, "--workers", "0")
+    result = run("whiten", folder, "--resolution", "224", "--out", model_file, "--workers", "0",
+                 "--calibration-images", "6")
     assert result.exit_code == 0, result.output
     assert "fitted on 12 images" in result.stderr
     again = run("whiten", folder, "--resolution", "224", "--out", model_file)
@@ -249,6 +250,10 @@ def test_whiten_writes_a_model_that_indexes_and_classifies_exactly(planted, tmp_
 
     whitened = load_model_file(model_file)
     assert 224 in whitened.whitenings and whitened.whitenings[224].dim == 1280
+    # its default threshold was measured on edited copies and reaches the index
+    threshold = whitened.whitenings[224].threshold
+    assert threshold is not None and -1.0 < threshold < 1.0
+    assert f"default threshold {threshold:g}" in result.stderr
     # an index of the default model refuses descriptors of the whitened one
     assert run("index", folder, "-r", "224", "--workers", "0").exit_code == 0
     _assert_one_line_error(run("index", folder, "-r", "224", "--model", model_file), "--rebuild")
