@@ -62,9 +62,7 @@ def expected_meta(embedder: Embedder, model_name: str, roots: list[str]) -> Inde
 
 def check_compatible(found: IndexMeta, wanted: IndexMeta, index_dir: Path) -> None:
     """Refuse to mix descriptors of different models, resolutions or exponents in one index."""
-    same = (found.model_id == wanted.model_id and found.resolution == wanted.resolution
-            and abs(found.p - wanted.p) < 1e-9 and found.whitening_id == wanted.whitening_id)
-    if not same:
+    if found.mismatch(wanted) is not None:
         raise MgdedupError(
             f"{index_dir} holds descriptors of model {found.model_name} at resolution "
             f"{found.resolution} (p*={found.p:g}); this run asks for {wanted.model_name} at "
