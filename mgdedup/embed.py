@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mgdedup.errors import MgdedupError
 from mgdedup.imageio import ImageReadError
 from mgdedup.model import Descriptors, MultiGrainModel
 from mgdedup.scan import file_digest
@@ -88,6 +89,8 @@ class Embedder:
 
     def __init__(self, model: MultiGrainModel, resolution: int, *, device: str = "cpu",
                  batch_size: int = 16, workers: int | None = None) -> None:
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise MgdedupError(f"--device {device}: no CUDA GPU is available here")
         self.model = model.eval().to(device)
         self.resolution = int(resolution)
         self.p = model.p_for(self.resolution)

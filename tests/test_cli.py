@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import copy_tree, family_of
 from PIL import Image
 from typer.testing import CliRunner
@@ -213,6 +214,8 @@ def test_user_errors_are_one_line(tmp_path, planted, indexed):
     _assert_one_line_error(run("index", indexed, "--model", corrupt), "corrupt.pt")
     _assert_one_line_error(run("dedup", "--index", tmp_path / "nowhere"), "no mgdedup index")
     _assert_one_line_error(run("index", indexed, "--resolution", "224"), "--rebuild")
+    if not torch.cuda.is_available():
+        _assert_one_line_error(run("index", indexed, "--device", "cuda"), "no CUDA GPU")
 
 
 class _Payload:
