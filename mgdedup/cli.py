@@ -312,6 +312,43 @@ def whiten(
               + f"; wrote {out}", highlight=False, soft_wrap=True)
 
 
+class Verdict(str, Enum):
+    duplicate = "duplicate"
+    not_duplicate = "not-duplicate"
+
+
+@app.command()
+@user_errors
+def mark(
+    verdict: Annotated[Verdict, typer.Argument(help="duplicate or not-duplicate")],
+    first: Annotated[Path, typer.Argument(help="An indexed image.")],
+    second: Annotated[Path, typer.Argument(help="Another indexed image.")],
+    index_dir: IndexOption = None,
+) -> None:
+    """Remember your verdict on a pair; every later `dedup` honours it.
+
+    Example: mgdedup mark not-duplicate a.jpg b.jpg
+    """
+    from mgdedup.decisions import load_decisions, save_decisions
+    from mgdedup.locate import H5_NAME, find_index
+    from mgdedup.store import IndexStore
+
+    where = find_index(index_dir)
+    with IndexStore.open(where / H5_NAME) as store:
+        indexed = {str(p) for p in store.absolute_paths()}
+    pair = []
+    for path in (first, second):
+        resolved = str(path.expanduser().resolve())
+        if resolved not in indexed:
+            raise MgdedupError(f"{path} is not in the index {where}")
+        pair.append(resolved)
+    decisions = load_decisions(where)
+    decisions.mark(verdict.value, *pair)
+    save_decisions(where, decisions)
+    err.print(f"marked {verdict.value}: {pair[0]} and {pair[1]} (in {where})", highlight=False,
+              soft_wrap=True)
+
+
 @app.command()
 @user_errors
 def demo(

@@ -277,3 +277,32 @@ def test_whiten_writes_a_model_that_indexes_and_classifies_exactly(planted, tmp_
         top = stored[str(Path(prediction["path"]).resolve())]
         assert [t["index"] for t in top] == [t["index"] for t in prediction["top"]]
         assert all(abs(a["prob"] - b["prob"]) < 1e-4 for a, b in zip(top, prediction["top"]))
+
+
+def test_marked_decisions_are_honoured_by_dedup(planted, tmp_path):
+    folder = copy_tree(planted.folder, tmp_path / "m")
+    assert run("index", folder, "-r", "224", "--workers", "0").exit_code == 0
+    index = folder / ".mgdedup"
+
+    def pairs():
+        document = json.loads(run("dedup", "--index", index, "--format", "json").stdout)
+        return {frozenset((g["keeper"], m["path"])) for g in document["groups"]
+                for m in g["members"]}
+
+    before = pairs()
+    keeper, member = sorted(next(iter(before)))
+    marked = run("mark", "not-duplicate", keeper, member, "--index", index)
+    assert marked.exit_code == 0, marked.output
+    after = pairs()
+    assert frozenset((keeper, member)) not in after
+    # two unrelated originals forced together
+    a, b = (str((folder / "photos" / f"IMG_{n:04d}.png").resolve()) for n in (20, 21))
+    assert frozenset((a, b)) not in after
+    assert run("mark", "duplicate", a, b, "--index", index).exit_code == 0
+    assert frozenset((a, b)) in pairs()
+    # the verdicts survive a re-index
+    assert run("index", folder, "-r", "224", "--workers", "0").exit_code == 0
+    final = pairs()
+    assert frozenset((a, b)) in final and frozenset((keeper, member)) not in final
+    _assert_one_line_error(run("mark", "duplicate", a, tmp_path / "elsewhere.png", "--index",
+                               index), "not in the index")

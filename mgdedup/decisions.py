@@ -1,0 +1,84 @@
+"""A person's verdicts on pairs ("not a duplicate", "a duplicate"), kept with the index.
+
+Stored in `IDX/decisions.json` as absolute resolved paths, so they survive re-indexing and
+are honoured by every later `dedup`: a "not-duplicate" pair is never grouped, a "duplicate"
+pair is grouped whatever its similarity. The latest verdict on a pair wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mgdedup.errors import MgdedupError
+
+DECISIONS_NAME = "decisions.json"
+VERDICTS = ("duplicate", "not-duplicate")
+
+
+@dataclass
+class Decisions:
+    duplicate: set[frozenset[str]] = field(default_factory=set)
+    not_duplicate: set[frozenset[str]] = field(default_factory=set)
+
+    def mark(self, verdict: str, a: str, b: str) -> None:
+        pair = frozenset((a, b))
+        if verdict not in VERDICTS:
+            raise MgdedupError(f"unknown verdict '{verdict}' (use {' or '.join(VERDICTS)})")
+        if len(pair) != 2:
+            raise MgdedupError("a pair needs two different files")
+        self.duplicate.discard(pair)
+        self.not_duplicate.discard(pair)
+        (self.duplicate if verdict == "duplicate" else self.not_duplicate).add(pair)
+
+    def __len__(self) -> int:
+        return len(self.duplicate) + len(self.not_duplicate)
+
+
+def load_decisions(index_dir: Path) -> Decisions:
+    path = Path(index_dir) / DECISIONS_NAME
+    if not path.exists():
+        return Decisions()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Decisions(duplicate={frozenset(p) for p in data.get("duplicate", [])},
+                         not_duplicate={frozenset(p) for p in data.get("not-duplicate", [])})
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise MgdedupError(f"cannot read {path}: {error}") from None
+
+
+def save_decisions(index_dir: Path, decisions: Decisions) -> None:
+    """Atomic write: a crash never leaves half a file of verdicts."""
+    path = Path(index_dir) / DECISIONS_NAME
+    data = {"duplicate": sorted(sorted(p) for p in decisions.duplicate),
+            "not-duplicate": sorted(sorted(p) for p in decisions.not_duplicate)}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def apply_decisions(decisions: Decisions, paths: list[str], i: np.ndarray, j: np.ndarray,
+                    scores: np.ndarray, similarity) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop "not-duplicate" pairs from (i, j, scores) and add "duplicate" pairs with their
+    true similarity (`similarity(a, b)` for rows a, b)."""
+    if not len(decisions):
+        return i, j, scores
+    row_of = {path: row for row, path in enumerate(paths)}
+    banned = {tuple(sorted((row_of[a], row_of[b]))) for a, b in map(tuple, decisions.not_duplicate)
+              if a in row_of and b in row_of}
+    keep = np.array([(int(a), int(b)) not in banned for a, b in zip(i, j)], dtype=bool)
+    i, j, scores = i[keep], j[keep], scores[keep]
+    present = set(zip(i.tolist(), j.tolist()))
+    extra = [tuple(sorted((row_of[a], row_of[b]))) for a, b in map(tuple, decisions.duplicate)
+             if a in row_of and b in row_of]
+    extra = [pair for pair in extra if pair not in present]
+    if extra:
+        i = np.concatenate([i, np.array([a for a, _ in extra], dtype=i.dtype)])
+        j = np.concatenate([j, np.array([b for _, b in extra], dtype=j.dtype)])
+        scores = np.concatenate([scores, np.array([similarity(a, b) for a, b in extra],
+                                                  dtype=scores.dtype)])
+    return i, j, scores
