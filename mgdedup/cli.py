@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -30,6 +30,9 @@ from rich.progress import (
 )
 
 from mgdedup.errors import MgdedupError
+
+if TYPE_CHECKING:
+    from mgdedup.dedup import DedupResult
 
 app = typer.Typer(
     name="mgdedup", no_args_is_help=True, add_completion=False,
@@ -90,6 +93,13 @@ def progress_bar(description: str) -> Iterator[Progress]:
         yield progress
 
 
+class ActionName(str, Enum):
+    move = "move"
+    hardlink = "hardlink"
+    symlink = "symlink"
+    delete = "delete"
+
+
 class Format(str, Enum):
     table = "table"
     json = "json"
@@ -148,10 +158,22 @@ def dedup(
     output_format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here, not stdout.")
                    ] = None,
+    action: Annotated[ActionName | None, typer.Option(
+        "--action", help="Act on the duplicates (never the keepers). Dry run unless --apply; "
+                         "every applied step is recorded for `mgdedup undo`.")] = None,
+    to: Annotated[Path | None, typer.Option(
+        "--to", help="Where moved/deleted files go, keeping their folders (outside the "
+                     "indexed folders). Default for delete/links: a trash folder in the index.")
+    ] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Really do it.")] = False,
+    permanent: Annotated[bool, typer.Option(
+        "--permanent", help="With --action delete: unlink instead of trashing (cannot be "
+                            "undone).")] = False,
 ) -> None:
     """Print duplicate groups: a keeper (most pixels, then largest file) and its copies.
 
-    Examples: mgdedup dedup; mgdedup dedup --threshold 0.7 --format json > groups.json
+    Examples: mgdedup dedup; mgdedup dedup --threshold 0.7 --format json > groups.json;
+    mgdedup dedup --action move --to ~/dups (dry run), then the same with --apply
     """
     from mgdedup.dedup import find_duplicates
     from mgdedup.locate import find_index
@@ -159,6 +181,9 @@ def dedup(
 
     where = find_index(index_dir)
     result = find_duplicates(where, threshold)
+    if action is not None:
+        _act(where, result, action, to, apply, permanent)
+        return
     err.print(f"index: {where}", highlight=False, soft_wrap=True)
     if output_format is Format.table and out is None:
         print_groups_table(result.groups, result.facts, Console())
@@ -176,6 +201,57 @@ def dedup(
               f"{result.reclaimable_bytes / 1e6:.1f} MB reclaimable at threshold "
               f"{result.threshold:g}",
               highlight=False)
+
+
+def _act(where: Path, result: DedupResult, action: ActionName, to: Path | None, apply: bool,
+         permanent: bool) -> None:
+    """Dry run (the plan on stdout) or apply and say how to undo."""
+    from mgdedup.actions import Action, apply_plan, describe_plan, plan_actions
+
+    steps = plan_actions(where, result, Action(action.value),
+                         to.expanduser() if to is not None else None, permanent)
+    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    if not apply:
+        for line in describe_plan(steps):
+            typer.echo(line)
+        err.print(f"dry run: nothing changed; add --apply to {action.value} "
+                  f"{sum(s.kind != 'skip' for s in steps)} files", highlight=False)
+        return
+    report = apply_plan(steps, where)
+    for message in report.messages:
+        err.print(message, highlight=False, soft_wrap=True)
+    err.print(f"{report.done} done, {report.skipped} skipped, {report.failed} failed"
+              + (f"; undo with: mgdedup undo {report.manifest}" if report.manifest else ""),
+              highlight=False, soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def undo(
+    manifest: Annotated[Path | None, typer.Argument(
+        help="Manifest of an applied action (default: the latest of the index).")] = None,
+    index_dir: IndexOption = None,
+) -> None:
+    """Put back every file an applied `dedup --action` moved, linked or trashed.
+
+    Example: mgdedup undo
+    """
+    from mgdedup.actions import latest_manifest
+    from mgdedup.actions import undo as undo_manifest
+    from mgdedup.locate import find_index
+
+    if manifest is None:
+        manifest = latest_manifest(find_index(index_dir))
+    report = undo_manifest(manifest.expanduser())
+    for message in report.messages:
+        err.print(message, highlight=False, soft_wrap=True)
+    err.print(f"{report.restored} restored, {report.skipped} skipped, {report.failed} failed, "
+              f"{report.not_undoable} not undoable ({manifest})", highlight=False,
+              soft_wrap=True)
+    if not report.complete:
+        raise typer.Exit(1)
 
 
 def _write_output(text: str, out: Path | None) -> None:

@@ -306,3 +306,34 @@ def test_marked_decisions_are_honoured_by_dedup(planted, tmp_path):
     assert frozenset((a, b)) in final and frozenset((keeper, member)) not in final
     _assert_one_line_error(run("mark", "duplicate", a, tmp_path / "elsewhere.png", "--index",
                                index), "not in the index")
+
+
+def _tree_digests(folder: Path) -> dict[str, tuple[str, int]]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): (hashlib.blake2b(p.read_bytes()).hexdigest(),
+                                         p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() and ".mgdedup" not in p.parts}
+
+
+def test_move_is_dry_run_first_then_undone_byte_identical(planted, tmp_path):
+    folder = copy_tree(planted.folder, tmp_path / "act")
+    assert run("index", folder, "-r", "224", "--workers", "0").exit_code == 0
+    before = _tree_digests(folder)
+    index = folder / ".mgdedup"
+    dry = run("dedup", "--index", index, "--action", "move", "--to", tmp_path / "dups")
+    assert dry.exit_code == 0, dry.output
+    assert "dry run" in dry.stderr and dry.stdout.count("move ") >= 9
+    assert _tree_digests(folder) == before and not (tmp_path / "dups").exists()
+    applied = run("dedup", "--index", index, "--action", "move", "--to", tmp_path / "dups",
+                  "--apply")
+    assert applied.exit_code == 0, applied.output
+    moved = _tree_digests(tmp_path / "dups")
+    assert len(moved) >= 9 and all(key not in _tree_digests(folder) for key in moved)
+    keepers = {Path(g["keeper"]).name for g in json.loads(
+        run("dedup", "--index", index, "--format", "json").stdout)["groups"]}
+    assert all(Path(key).name not in keepers for key in moved)  # keepers never move
+    undone = run("undo", "--index", index)
+    assert undone.exit_code == 0, undone.output
+    assert _tree_digests(folder) == before
+    _assert_one_line_error(run("dedup", "--index", index, "--action", "move"), "--to")
