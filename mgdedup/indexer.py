@@ -2,7 +2,10 @@
 
 The HDF5 rows are the source of truth and are appended batch by batch, so an interrupted run
 keeps its finished batches and the next run continues from there. Files that cannot be read go
-to `errors.jsonl` with a reason; they never stop the run.
+to `errors.jsonl` with a reason; they never stop the run. One writer at a time: an update
+holds `IDX/lock` (see `mgdedup.lock`); readers never wait for it. `faiss.index` is rebuilt
+whenever it is stale, so a run killed between its last append and the FAISS save is repaired
+by the next run even when nothing is left to embed.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import numpy as np
 from mgdedup.embed import EmbeddedBatch, Embedder
 from mgdedup.errors import MgdedupError
 from mgdedup.locate import ERRORS_NAME, FAISS_NAME, H5_NAME, remember_index
+from mgdedup.lock import IndexLock
 from mgdedup.model import MultiGrainModel
 from mgdedup.scan import ScannedFile, scan_images
-from mgdedup.search import build_index, save_index
+from mgdedup.search import build_index, is_stale, save_index
 from mgdedup.store import IndexMeta, IndexStore, RowBatch
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,7 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
     """Bring the index in `index_dir` up to date with the images below `roots`."""
     progress = progress or ProgressHooks()
     index_dir = Path(index_dir).resolve()
+    # scan before locking: a missing folder or one without images must not get an index dir
     files, scan_errors = scan_images([Path(r).expanduser() for r in roots],
                                      skip_dirs=(".mgdedup", index_dir.name))
     files = [f for f in files if index_dir not in f.path.parents]
@@ -85,6 +90,19 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
         where = ", ".join(str(r) for r in roots)
         unreadable = f" ({len(scan_errors)} unreadable files)" if scan_errors else ""
         raise MgdedupError(f"no images found in {where}{unreadable}")
+    with IndexLock(index_dir):  # one writer per index; readers never take it
+        summary = _update_locked(roots, files, scan_errors, index_dir, model, model_name,
+                                 resolution, batch_size=batch_size, workers=workers,
+                                 rebuild=rebuild, device=device, progress=progress)
+    remember_index(index_dir)
+    return summary
+
+
+def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
+                   scan_errors: list[tuple[Path, str]], index_dir: Path,
+                   model: MultiGrainModel, model_name: str, resolution: int, *,
+                   batch_size: int, workers: int | None, rebuild: bool, device: str,
+                   progress: ProgressHooks) -> IndexSummary:
     embedder = Embedder(model, resolution, device=device, batch_size=batch_size, workers=workers)
     h5_path = index_dir / H5_NAME
     if rebuild:
@@ -102,9 +120,8 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
                 all_roots.append(root)
         store.set_roots(all_roots)
     else:
-        index_dir.mkdir(parents=True, exist_ok=True)
         all_roots = scanned_roots
-        store = IndexStore.create(h5_path, expected_meta(embedder, model_name, all_roots))
+        store = _create_store(h5_path, expected_meta(embedder, model_name, all_roots))
 
     try:
         to_embed, stale_rows, unchanged = _plan(store, files, set(scanned_roots))
@@ -122,13 +139,23 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
                 embedded += len(batch.positions)
         total = len(store)
         _write_errors(index_dir / ERRORS_NAME, errors)
-        if stale_rows or to_embed or not (index_dir / FAISS_NAME).exists():
+        # also when nothing changed now: a run killed after its last append left it stale
+        if stale_rows or embedded or is_stale(index_dir / FAISS_NAME, h5_path):
             save_index(build_index(store, store.meta.dim), index_dir / FAISS_NAME)
     finally:
         store.close()
-    remember_index(index_dir)
     return IndexSummary(index_dir=index_dir, total=total, embedded=embedded,
                         unchanged=unchanged, removed=len(stale_rows), skipped=len(errors))
+
+
+def _create_store(h5_path: Path, meta: IndexMeta) -> IndexStore:
+    """A new empty index, created aside and renamed into place: a run killed while creating
+    it leaves no half-made file that the next run would refuse as corrupt."""
+    tmp = h5_path.with_name(h5_path.name + ".new")
+    tmp.unlink(missing_ok=True)  # left by a killed run; we hold the lock
+    IndexStore.create(tmp, meta).close()
+    os.replace(tmp, h5_path)
+    return IndexStore.open(h5_path, mode="a")
 
 
 def _root_of(path: Path) -> Path:
