@@ -8,6 +8,7 @@ entries come back as (path, reason) for the index's error list.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -62,7 +63,7 @@ def scan_images(roots: Sequence[Path], *, skip_dirs: Sequence[str] = (".mgdedup"
         given = Path(given).expanduser()
         if not given.exists():
             if given.is_symlink():
-                problems.append((given, "broken symlink"))
+                problems.append((given, _dangling_reason(given)))
                 continue
             raise MgdedupError(f"no such folder: {given}")
         explicit = not given.is_dir()  # a file named on the command line is always reported
@@ -114,7 +115,7 @@ def _walk(root: Path, skip: frozenset[str], problems: list[tuple[Path, str]]) ->
                         subfolders.append(path)
                 elif entry.is_symlink():
                     if not os.path.exists(entry.path):  # dangling, or a loop of links
-                        problems.append((path, "broken symlink"))
+                        problems.append((path, _dangling_reason(path)))
                     elif entry.is_file():  # follows the link
                         yield path
                     else:
@@ -167,3 +168,13 @@ def file_digest(path: str | Path) -> str:
                 break
             digest.update(view[:count])
     return digest.hexdigest()
+
+
+def _dangling_reason(link: Path) -> str:
+    """Tell a loop of links from a link to nothing: the fixes differ."""
+    try:
+        os.stat(link)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symlink loop"
+    return "broken symlink"

@@ -93,7 +93,7 @@ def _build_corpus(folder: Path) -> tuple[dict[str, tuple[int, int]], dict[str, s
     # file system oddities
     os.symlink("loop_b.jpg", folder / "loop_a.jpg")
     os.symlink("loop_a.jpg", folder / "loop_b.jpg")
-    bad["loop_a.jpg"] = bad["loop_b.jpg"] = "broken symlink"
+    bad["loop_a.jpg"] = bad["loop_b.jpg"] = "symlink loop"
     (folder / "sub").mkdir()
     keep("sub/nested.png", scene(seed=30))
     os.symlink("..", folder / "sub" / "up")  # a directory loop: never followed
