@@ -104,6 +104,7 @@ class Format(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
+    html = "html"
 
 
 @app.command()
@@ -179,13 +180,20 @@ def dedup(
     from mgdedup.locate import find_index
     from mgdedup.report import groups_to_csv, groups_to_json, print_groups_table
 
+    if output_format is Format.html and out is None and action is None:
+        raise MgdedupError("--format html needs --out FILE (a self-contained page)")
     where = find_index(index_dir)
     result = find_duplicates(where, threshold)
     if action is not None:
         _act(where, result, action, to, apply, permanent)
         return
     err.print(f"index: {where}", highlight=False, soft_wrap=True)
-    if output_format is Format.table and out is None:
+    if output_format is Format.html:
+        from mgdedup.report_html import write_html
+
+        write_html(result, out.expanduser())
+        err.print(f"wrote {out} ({len(result.groups)} groups)", highlight=False)
+    elif output_format is Format.table and out is None:
         print_groups_table(result.groups, result.facts, Console())
     else:
         if output_format is Format.json:

@@ -337,3 +337,15 @@ def test_move_is_dry_run_first_then_undone_byte_identical(planted, tmp_path):
     assert undone.exit_code == 0, undone.output
     assert _tree_digests(folder) == before
     _assert_one_line_error(run("dedup", "--index", index, "--action", "move"), "--to")
+
+
+def test_html_report_has_one_card_per_group(indexed, tmp_path):
+    index = indexed / ".mgdedup"
+    groups = json.loads(run("dedup", "--index", index, "--format", "json").stdout)["groups"]
+    page = tmp_path / "report.html"
+    result = run("dedup", "--index", index, "--format", "html", "--out", page)
+    assert result.exit_code == 0, result.output
+    text = page.read_text(encoding="utf-8")
+    assert text.count('<section class="group"') == len(groups) > 0
+    assert text.count('data-role="member"') == sum(len(g["members"]) for g in groups)
+    _assert_one_line_error(run("dedup", "--index", index, "--format", "html"), "--out")
