@@ -8,7 +8,6 @@ are stacked and run together (no padding, which would change the GeM vector), th
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mgdedup.cpus import available_cpus
 from mgdedup.errors import MgdedupError
 from mgdedup.imageio import ImageReadError
 from mgdedup.model import Descriptors, MultiGrainModel
@@ -80,8 +80,7 @@ def _keep_list(items: list[DecodedImage]) -> list[DecodedImage]:
 
 def default_workers() -> int:
     """Decoding processes: leave the cores to the forward pass on small machines."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores - 1))
+    return max(1, min(4, available_cpus() - 1))
 
 
 class Embedder:

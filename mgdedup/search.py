@@ -15,7 +15,6 @@ the same semantics as ``S >= t`` on a NumPy float32 similarity matrix.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import tempfile
@@ -28,6 +27,7 @@ import faiss
 import numpy as np
 from faiss.contrib.factory_tools import reverse_index_factory
 
+from mgdedup.cpus import available_cpus
 from mgdedup.errors import MgdedupError
 from mgdedup.store import IndexStore
 
@@ -50,19 +50,6 @@ _threads_configured = False
 
 
 # --- threads ---------------------------------------------------------------------------------
-def available_cpus() -> int:
-    """CPUs this process may use: affinity mask, capped by a cgroup v2 CPU quota."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return n
 
 
 def set_threads(n: int | None = None) -> int:
