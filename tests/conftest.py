@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from mgdedup.synthetic import PlantedCollection, make_collection
 
@@ -36,3 +38,13 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".mgdedup"))
     return dst
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Gradients plus noise: compresses and resamples like a real photograph."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([255 * x / width, 255 * y / height,
+                     127 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)], axis=-1)
+    base += rng.standard_normal(base.shape, dtype=np.float32) * 12
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))

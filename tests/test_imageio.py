@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import photo
 from PIL import Image, ImageFile, ImageOps
 
 from mgdedup import imageio
@@ -24,16 +25,6 @@ def scene(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
     blocks = rng.integers(0, 256, size=(height // 16, width // 16, 3), dtype=np.uint8)
     pixels = np.kron(blocks, np.ones((16, 16, 1), dtype=np.uint8))
     return Image.fromarray(pixels)
-
-
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Gradients plus noise: compresses and resamples like a real photograph."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([255 * x / width, 255 * y / height,
-                     127 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)], axis=-1)
-    base += rng.standard_normal(base.shape, dtype=np.float32) * 12
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 def pixels(img: Image.Image) -> np.ndarray:

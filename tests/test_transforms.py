@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import photo
 from PIL import Image
 from torchvision import transforms as tv
 
@@ -15,16 +16,6 @@ from mgdedup.transforms import (
     resize_for_resolution,
     to_tensor,
 )
-
-
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Gradients plus noise: compresses and resamples like a real photograph."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([255 * x / width, 255 * y / height,
-                     127 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)], axis=-1)
-    base += rng.standard_normal(base.shape, dtype=np.float32) * 12
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 @pytest.mark.parametrize("size, resolution, expected", [
