@@ -90,13 +90,7 @@ def load_holidays(root: Path | str, rotate_file: Path | str | None = None) -> Ho
     folder = root / "jpg"
     if not folder.is_dir():
         raise MgdedupError(f"no jpg/ folder in {root}; expected {expected}")
-    named = {}
-    for path in _files(folder):
-        match = _HOLIDAYS_NAME.match(path.name)
-        if match:
-            if int(match[1]) in named:
-                raise MgdedupError(f"two Holidays files with id {match[1]} in {folder}")
-            named[int(match[1])] = path
+    named = _files_by_number(folder, _HOLIDAYS_NAME, "Holidays")
     if not named:
         raise MgdedupError(f"no NNNNNN.jpg image in {folder}; expected {expected}")
     ids = np.array(sorted(named))
@@ -138,14 +132,7 @@ def load_ukb(root: Path | str) -> UKBSet:
     for folder in (root / "full", root):
         if not folder.is_dir():
             continue
-        named = {}
-        for path in _files(folder):
-            match = _UKB_NAME.match(path.name)
-            if match:
-                if int(match[1]) in named:
-                    raise MgdedupError(f"{path.name} and {named[int(match[1])].name} have the "
-                                       f"same UKBench number in {folder}")
-                named[int(match[1])] = path
+        named = _files_by_number(folder, _UKB_NAME, "UKBench")
         if named:
             break
     else:
@@ -164,6 +151,21 @@ def load_ukb(root: Path | str) -> UKBSet:
     return UKBSet([named[n] for n in numbers], groups)
 
 
+def _files_by_number(folder: Path, pattern: re.Pattern[str], kind: str) -> dict[int, Path]:
+    """{number: file} for the files whose name `pattern` matches (group 1 = the number);
+    two files with one number make the ground truth ambiguous, so they are refused."""
+    named: dict[int, Path] = {}
+    for path in _files(folder):
+        match = pattern.match(path.name)
+        if match:
+            number = int(match[1])
+            if number in named:
+                raise MgdedupError(f"{path.name} and {named[number].name} have the same {kind} "
+                                   f"number in {folder}")
+            named[number] = path
+    return named
+
+
 def _subfolder(root: Path, names: tuple[str, ...], expected: str) -> Path:
     for name in names:
         if (root / name).is_dir():
@@ -179,13 +181,7 @@ def load_copydays(root: Path | str, distractors: Path | str | None = None) -> Co
     root = _folder(Path(root), expected)
     original_folder = _subfolder(root, ("original", "copydays_original"), expected)
     strong_folder = _subfolder(root, ("strong", "copydays_strong"), expected)
-    originals = {}
-    for path in _files(original_folder):
-        match = _COPYDAYS_ORIGINAL.match(path.name)
-        if match:
-            if int(match[1]) in originals:
-                raise MgdedupError(f"two originals with id {match[1]} in {original_folder}")
-            originals[int(match[1])] = path
+    originals = _files_by_number(original_folder, _COPYDAYS_ORIGINAL, "Copydays original")
     if not originals:
         raise MgdedupError(f"no NNNNNN.jpg original in {original_folder}; expected {expected}")
     ids = sorted(originals)
