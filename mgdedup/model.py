@@ -159,6 +159,6 @@ class MultiGrainModel(nn.Module):
         if whitening is None:
             inner = y @ weight.T  # (N, classes): <w_c, l2n(g)>
         else:
-            folded_weight, folded_bias = whitening.fold(weight, bias)
+            folded_weight, folded_bias = whitening.fold(weight)
             inner = y @ folded_weight.T + folded_bias
         return torch.from_numpy(stored.gem_norm)[:, None] * inner + bias

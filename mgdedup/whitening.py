@@ -52,8 +52,9 @@ class Whitening:
         matrix = self.matrix.to(x)
         return (x - mean) @ matrix.T
 
-    def fold(self, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-        """(W, b) on g -> (W', b') on y: W' = W S^+ (C, k), b' = W m (C,)."""
+    def fold(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """W on g -> (W', b') on y: W' = W S^+ (C, k), b' = W m (C,). The original bias b is
+        not folded: it is added outside the ||g|| factor."""
         matrix = self.matrix.double()
         if matrix.shape[0] == matrix.shape[1]:
             inverse = torch.linalg.inv(matrix)
@@ -61,7 +62,6 @@ class Whitening:
             inverse = torch.linalg.pinv(matrix)  # (D, k): the best linear reconstruction
         folded_weight = (weight.double() @ inverse).to(weight.dtype)
         folded_bias = (weight.double() @ self.mean.double()).to(weight.dtype)
-        del bias  # the original bias is added outside the ||g|| factor
         return folded_weight, folded_bias
 
     def to_dict(self) -> dict:

@@ -39,7 +39,7 @@ def test_folded_classifier_reproduces_logits_at_full_rank():
     x = F.normalize(g, dim=1)
     whitening = fit_whitening(x.numpy(), resolution=224, p=3.0)
     y = whitening.apply(x)  # what the stored descriptor and its norm give back
-    folded_weight, folded_bias = whitening.fold(weight, bias)
+    folded_weight, folded_bias = whitening.fold(weight)
     logits = g.norm(dim=1, keepdim=True) * (y @ folded_weight.T + folded_bias) + bias
     assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -54,7 +54,7 @@ def test_floored_whitening_is_invertible_and_folds_exactly():
     top = np.linalg.eigh(np.cov(y.double().numpy(), rowvar=False))[0][::-1][:6]
     assert np.allclose(top, 1.0, atol=1e-3)
     weight, bias = torch.randn(7, 24), torch.randn(7)
-    folded_weight, folded_bias = whitening.fold(weight, bias)
+    folded_weight, folded_bias = whitening.fold(weight)
     logits = g.norm(dim=1, keepdim=True) * (y @ folded_weight.T + folded_bias) + bias
     assert torch.allclose(logits, g @ weight.T + bias, atol=1e-4, rtol=1e-4)
 
