@@ -1,0 +1,104 @@
+"""What every `mgdedup` command shares: the Typer app, stderr console, error handling,
+progress bars and common options. Command modules (`cli.py`, `cli_*.py`) register on `app`.
+
+Data (tables, JSON, CSV) goes to stdout; messages and progress bars go to stderr. A user
+mistake prints one line and exits with 1; usage errors exit with 2 (Typer's own).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mgdedup.errors import MgdedupError
+
+app = typer.Typer(
+    name="mgdedup", no_args_is_help=True, add_completion=False,
+    help="Find copies and near-duplicates in image collections, and classify images, "
+         "from one MultiGrain embedding.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True)
+log = logging.getLogger("mgdedup")
+
+F = TypeVar("F", bound=Callable[..., object])
+
+DEFAULT_RESOLUTION = 500
+
+ModelOption = Annotated[str | None, typer.Option(
+    "--model", "-m", help="Built-in name, name of a file in a weights folder, or a model file "
+                          "path. Default: the embedded EfficientNet-Lite0.")]
+IndexOption = Annotated[Path | None, typer.Option(
+    "--index", "-i", help="Index folder. Default: one in the current directory, else the one "
+                          "written last.")]
+WorkersOption = Annotated[int | None, typer.Option(
+    "--workers", min=0, help="Image decoding processes (0: decode in the main process).")]
+
+
+def user_errors(command: F) -> F:
+    """Turn MgdedupError into one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return command(*args, **kwargs)
+        except MgdedupError as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; finished batches are saved, run the command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def configure(verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                                    help="Log details to stderr.")] = False
+              ) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", force=True,
+                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Progress]:
+    """A progress bar on stderr, hidden when stderr is not a terminal."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+                        transient=True, disable=not err.is_terminal)
+    with progress:
+        yield progress
+
+
+class ActionName(str, Enum):
+    move = "move"
+    hardlink = "hardlink"
+    symlink = "symlink"
+    delete = "delete"
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    html = "html"
+
+
