@@ -10,9 +10,13 @@ Large reports stay quick to open: thumbnails are small, `loading="lazy"`, and gr
 `content-visibility: auto` so the browser only lays out the cards on screen. Each file is
 decoded once (draft-decoded for JPEG) even when it appears in several places.
 
-Stable hooks for tests and scripts: `<section class="group" data-group="N">` (N from 1, in the
-order of `DedupResult.groups`, as the CSV report numbers them) and
-`<figure class="image" data-role="keeper|member" data-path="...">`.
+Stable hooks for tests and scripts: `<section class="group" data-group="N" data-size=".."
+data-reclaimable-bytes="..">` (N from 1, in the order of `DedupResult.groups`, as the CSV
+report numbers them), `<figure class="image" data-role="keeper|member" data-path="..."
+data-width data-height data-bytes [data-score]>` (score: members only, to the keeper), and on
+`<dl class="summary">` the exact summary: data-images, data-groups, data-duplicates,
+data-reclaimable-bytes, data-threshold, data-threshold-source, data-target-precision,
+data-score (cosine | sscd-normalised). These carry the same facts as the JSON/CSV reports.
 """
 
 from __future__ import annotations
@@ -113,8 +117,11 @@ def _figure(facts: FileFacts, thumb: Thumbnail, role: str, score: float | None,
         badge = '<span class="badge dup">duplicate</span>'
         similarity = (f'<span class="score" title="cosine similarity to the keeper">'
                       f'{score:.3f}</span>')
+    score_attr = f' data-score="{score:.6f}"' if score is not None else ""
     return (
-        f'<figure class="image" data-role="{role}" data-path="{path}">'
+        f'<figure class="image" data-role="{role}" data-path="{path}" '
+        f'data-width="{facts.width}" data-height="{facts.height}" data-bytes="{facts.size}"'
+        f'{score_attr}>'
         f'<div class="thumb" style="height:{thumb_px}px">{picture}</div>'
         f'<figcaption><div class="line">{badge}{similarity}</div>'
         f'<div class="facts">{facts.width}\u00d7{facts.height} \u00b7 '
@@ -196,6 +203,18 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
         ("reclaimable", human_bytes(result.reclaimable_bytes)),
         ("threshold", f"{result.threshold:.3f}"),
     ]
+    # the exact numbers behind the summary, for programs (the JSON/CSV reports carry them too)
+    target = result.target_precision
+    exact = {
+        "images": len(facts), "groups": len(result.groups),
+        "duplicates": result.duplicate_count, "reclaimable-bytes": result.reclaimable_bytes,
+        "threshold": f"{result.threshold:g}",
+        "threshold-source": result.threshold_source,
+        "target-precision": "" if target is None else f"{target:g}",
+        "score": "sscd-normalised" if result.score_norm is not None else "cosine",
+    }
+    data = " ".join(f'data-{key}="{escape(str(value), quote=True)}"'
+                    for key, value in exact.items())
     parts = [
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n',
@@ -203,7 +222,7 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
         '<meta name="generator" content="mgdedup">\n',
         f"<title>{escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n",
         f'<body style="--thumb: {thumb_px}px">\n',
-        f"<header>\n<h1>{escape(title)}</h1>\n<dl class=\"summary\">",
+        f"<header>\n<h1>{escape(title)}</h1>\n<dl class=\"summary\" {data}>",
         "".join(f'<div data-key="{escape(key, quote=True)}"><dt>{escape(key)}</dt>'
                 f"<dd>{escape(value)}</dd></div>" for key, value in summary),
         "</dl>\n</header>\n<main>\n",
@@ -214,7 +233,9 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
         count = len(group.members)
         keeper = facts[group.keeper]
         parts.append(
-            f'<section class="group" data-group="{number}"><h2>Group {number} '
+            f'<section class="group" data-group="{number}" data-size="{count + 1}" '
+            f'data-reclaimable-bytes="{sum(facts[r].size for r, _ in group.members)}">'
+            f'<h2>Group {number} '
             f"<small>\u00b7 keep 1, {count} duplicate{'s' if count != 1 else ''} \u00b7 "
             f"{escape(human_bytes(sum(facts[r].size for r, _ in group.members)))} "
             f"reclaimable</small></h2><div class=\"images\">")
