@@ -12,7 +12,7 @@ import errno
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +49,21 @@ class ScannedFile:
     mtime_ns: int
 
 
-def scan_images(roots: Sequence[Path], *, skip_dirs: Sequence[str] = (".mgdedup",)
-                ) -> tuple[list[ScannedFile], list[tuple[Path, str]]]:
+Known = Mapping[tuple[str, str], tuple[int, int]]
+"""(root, rel) -> (size, mtime_ns) of files already indexed: see `scan_images`."""
+
+
+def scan_images(roots: Sequence[Path], *, skip_dirs: Sequence[str] = (".mgdedup",),
+                known: Known | None = None) -> tuple[list[ScannedFile], list[tuple[Path, str]]]:
     """Images below `roots` sorted by (root, rel), and (path, reason) for the problems.
 
     A root may be a single image file (its root is then its folder). A missing root raises
     MgdedupError; everything else that goes wrong becomes a problem entry.
+    `known`: files whose size and mtime still match were images when indexed and have not
+    changed, so they are only stat'ed, not opened: a re-run over an unchanged collection
+    costs one stat per file.
     """
-    found: dict[Path, ScannedFile] = {}
+    found: dict[str, ScannedFile] = {}
     problems: list[tuple[Path, str]] = []
     skip = frozenset(skip_dirs)
     for given in roots:
@@ -72,50 +79,51 @@ def scan_images(roots: Sequence[Path], *, skip_dirs: Sequence[str] = (".mgdedup"
             candidates = _walk(root, skip, problems)
         elif given.is_file():
             root = given.absolute().parent.resolve()
-            candidates = iter([root / given.name])
+            candidates = iter([os.path.join(root, given.name)])
         else:
             raise MgdedupError(f"not a folder or a file: {given}")
         for path in candidates:
-            item = _examine(root, path, problems, explicit)
+            item = _examine(root, path, problems, explicit, known)
             if item is None:
                 continue
             # overlapping roots: keep a file seen twice under the outermost root
-            seen = found.get(item.path)
+            seen = found.get(path)
             if seen is None or len(item.root.parts) < len(seen.root.parts):
-                found[item.path] = item
+                found[path] = item
     files = sorted(found.values(), key=lambda f: (str(f.root), f.rel))
     problems.sort(key=lambda p: str(p[0]))
     log.debug("scan: %d images, %d problems", len(files), len(problems))
     return files, problems
 
 
-def _walk(root: Path, skip: frozenset[str], problems: list[tuple[Path, str]]) -> Iterator[Path]:
-    """Regular files and file symlinks below root, depth first, without following dir links."""
-    stack = [root]
+def _walk(root: Path, skip: frozenset[str], problems: list[tuple[Path, str]]) -> Iterator[str]:
+    """Regular files and file symlinks below root, depth first, without following dir links.
+    Paths as str: a Path object per file costs more than the stat a re-run needs."""
+    stack: list[str | Path] = [root]
     while stack:
         folder = stack.pop()
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except PermissionError:
-            problems.append((folder, "permission denied"))
+            problems.append((Path(folder), "permission denied"))
             continue
         except FileNotFoundError:
-            problems.append((folder, "folder disappeared"))
+            problems.append((Path(folder), "folder disappeared"))
             continue
         except OSError as error:
-            problems.append((folder, f"cannot list folder ({error.strerror})"))
+            problems.append((Path(folder), f"cannot list folder ({error.strerror})"))
             continue
         subfolders = []
         for entry in entries:
-            path = Path(entry.path)
+            path = entry.path
             try:
                 if entry.is_dir(follow_symlinks=False):
                     if entry.name not in skip:
                         subfolders.append(path)
                 elif entry.is_symlink():
-                    if not os.path.exists(entry.path):  # dangling, or a loop of links
-                        problems.append((path, _dangling_reason(path)))
+                    if not os.path.exists(path):  # dangling, or a loop of links
+                        problems.append((Path(path), _dangling_reason(Path(path))))
                     elif entry.is_file():  # follows the link
                         yield path
                     else:
@@ -124,36 +132,50 @@ def _walk(root: Path, skip: frozenset[str], problems: list[tuple[Path, str]]) ->
                     yield path
                 # fifos, sockets, devices: never opened (a fifo would block the read)
             except OSError as error:
-                problems.append((path, f"cannot stat ({error.strerror})"))
+                problems.append((Path(path), f"cannot stat ({error.strerror})"))
         stack.extend(reversed(subfolders))
 
 
-def _examine(root: Path, path: Path, problems: list[tuple[Path, str]],
-             explicit: bool = False) -> ScannedFile | None:
+def _examine(root: Path, path: str, problems: list[tuple[Path, str]],
+             explicit: bool = False, known: Known | None = None) -> ScannedFile | None:
     """ScannedFile for an image, None otherwise (reported when its name claimed an image)."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     if suffix in RAW_EXTENSIONS:
         log.debug("skipping camera raw file %s", path)
         return None
+    root_str = str(root)
+    rel = path[len(root_str):].lstrip(os.sep)  # below root by construction
+    if os.sep != "/":
+        rel = rel.replace(os.sep, "/")
+    if known is not None:
+        before = known.get((root_str, rel))
+        if before is not None:
+            try:
+                stat = os.stat(path)
+            except OSError:
+                stat = None  # let the full examination below say what is wrong
+            if stat is not None and (stat.st_size, stat.st_mtime_ns) == before:
+                return ScannedFile(root=root, path=Path(path), rel=rel, size=stat.st_size,
+                                   mtime_ns=stat.st_mtime_ns)
     try:
         with open(path, "rb") as fp:
             stat = os.fstat(fp.fileno())
             head = fp.read(HEAD_BYTES)
     except FileNotFoundError:
-        problems.append((path, "file disappeared"))
+        problems.append((Path(path), "file disappeared"))
         return None
     except PermissionError:
-        problems.append((path, "permission denied"))
+        problems.append((Path(path), "permission denied"))
         return None
     except OSError as error:
-        problems.append((path, f"cannot read ({error.strerror})"))
+        problems.append((Path(path), f"cannot read ({error.strerror})"))
         return None
     if sniff_bytes(head) is None:
         if explicit or suffix in IMAGE_EXTENSIONS:
-            problems.append((path, not_image_reason(path, head)))
+            problems.append((Path(path), not_image_reason(Path(path), head)))
         return None
-    rel = path.relative_to(root).as_posix()
-    return ScannedFile(root=root, path=path, rel=rel, size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    return ScannedFile(root=root, path=Path(path), rel=rel, size=stat.st_size,
+                       mtime_ns=stat.st_mtime_ns)
 
 
 def file_digest(path: str | Path) -> str:

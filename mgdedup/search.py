@@ -10,16 +10,23 @@ or after it, so the all-pairs search does half the work of a plain self-join.
 
 Scores are float32 and thresholds are compared in float32 (``score >= float32(threshold)``),
 the same semantics as ``S >= t`` on a NumPy float32 similarity matrix.
+
+Which index: exact ``Flat`` up to :data:`AUTO_IVF_ROWS` rows, an inverted file above (see
+:func:`auto_factory`; BENCHMARKS.md "Large collections" has the measurements behind the
+cut-over). A factory chosen with ``index --factory`` is stored in the HDF5 attributes and
+always wins.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 
@@ -39,8 +46,14 @@ DEFAULT_NPROBE = 16
 #: candidate list size of HNSW searches (saved with the index)
 DEFAULT_EF_SEARCH = 64
 TRAIN_ROWS = 100_000
+#: row count above which the automatic choice leaves exact search for IVF (see auto_factory)
+AUTO_IVF_ROWS = 250_000
+#: training vectors per IVF list (FAISS warns below 39)
+TRAIN_ROWS_PER_LIST = 40
 #: queries per FAISS range search: its exact search holds ~4 KiB of scores per query row
 QUERY_ROWS = 8192
+#: queries per IVF self-join step: more queries per list make larger, faster matrix products
+IVF_QUERY_ROWS = 32768
 
 Blocks = Iterable[tuple[int, np.ndarray]]
 Source = IndexStore | np.ndarray | Blocks
@@ -71,18 +84,56 @@ def _auto_threads() -> None:
 
 
 # --- building, saving, loading ---------------------------------------------------------------
+def auto_factory(rows: int) -> str:
+    """The factory chosen when the user chose none: exact ``Flat`` while the all-pairs search
+    is affordable, ``IVF<nlist>,Flat`` above :data:`AUTO_IVF_ROWS` rows.
+
+    Exact all-pairs search costs O(N^2 d): 87 s at 200k x 256 on 2 cores, ~36 min at 1M.
+    IVF with nlist lists and :data:`DEFAULT_NPROBE` probes costs O(N (nlist + N nprobe /
+    nlist) d) and keeps ``Flat`` vectors, so scores are exact and only recall is traded.
+    Recall of a near-duplicate pair depends mostly on the probed fraction nprobe / nlist, so
+    nlist ~ sqrt(N) (a power of two; 1024 at 1M) probes 1/64 of the rows at 1M: the measured
+    balance of time and recall (BENCHMARKS.md "Large collections"); FAISS's usual 4 sqrt(N)
+    probes 1/256 and missed over half of the pairs near cosine 0.5 on random data.
+    """
+    if rows <= AUTO_IVF_ROWS:
+        return "Flat"
+    nlist = 1 << round(math.log2(math.sqrt(rows)))
+    return f"IVF{min(nlist, 65536)},Flat"
+
+
+def resolve_factory(chosen: str | None, rows: int) -> str:
+    """The user's factory if any (``"auto"`` or None: automatic by row count)."""
+    if chosen is None or chosen.strip().lower() in ("", "auto"):
+        return auto_factory(rows)
+    return chosen.strip()
+
+
+def check_factory(factory: str, dim: int) -> str:
+    """`factory` if FAISS can make an inner-product index of it, else an MgdedupError;
+    ``"auto"`` passes. Checked before any work, so a typo fails fast."""
+    factory = factory.strip()
+    if factory.lower() != "auto":
+        _new_index(dim, factory)
+    return factory
+
+
 def build_index(source: Source, dim: int, factory: str = "Flat", *,
-                train_rows: int = TRAIN_ROWS, seed: int = 0,
+                train_rows: int | None = None, seed: int = 0,
                 progress: Progress | None = None) -> faiss.Index:
     """An inner-product FAISS index holding `source`'s rows, ids = row numbers.
 
     `source` is an IndexStore, an (N, dim) array, or (start, block) pairs in row order.
     "Flat" is exact. Other factory strings ("IVF1024,Flat", "HNSW32", "IVF4096,PQ32") are
     trained on at most `train_rows` rows: a uniform sample of a store or array, the first rows
-    of a block stream (which cannot be read twice). `progress(rows_added)` after each block.
+    of a block stream (which cannot be read twice); default the larger of TRAIN_ROWS and
+    TRAIN_ROWS_PER_LIST per IVF list. `progress(rows_added)` after each block.
     """
     _auto_threads()
     index = _new_index(dim, factory)
+    if train_rows is None:
+        ivf = faiss.try_extract_index_ivf(index)
+        train_rows = max(TRAIN_ROWS, TRAIN_ROWS_PER_LIST * ivf.nlist if ivf is not None else 0)
     blocks: Iterator[tuple[int, np.ndarray]] = iter(_blocks(source))
     if not index.is_trained:
         if isinstance(source, IndexStore):
@@ -100,6 +151,10 @@ def build_index(source: Source, dim: int, factory: str = "Flat", *,
             parts = [_as_matrix(b, dim) for _, b in buffered]
             sample = np.concatenate(parts)[:train_rows] if parts else np.zeros((0, dim), "f4")
         _train(index, sample, factory)
+    if isinstance(source, IndexStore | np.ndarray) and _fill_ivf_exactly(index, source, dim,
+                                                                         progress):
+        log.info("built FAISS index %r: %d rows, dim %d", factory, index.ntotal, dim)
+        return index
     for start, block in blocks:
         if start != index.ntotal:
             raise ValueError(f"blocks must be contiguous from row 0: got start {start}, "
@@ -109,6 +164,48 @@ def build_index(source: Source, dim: int, factory: str = "Flat", *,
             progress(int(index.ntotal))
     log.info("built FAISS index %r: %d rows, dim %d", factory, index.ntotal, dim)
     return index
+
+
+def _fill_ivf_exactly(index: faiss.Index, source: IndexStore | np.ndarray, dim: int,
+                      progress: Progress | None) -> bool:
+    """Fill an empty IVF-Flat index in two passes over a re-readable source: assign every
+    row, size each inverted list exactly, then copy the rows in. ``index.add`` grows the
+    lists by doubling, which at 1M x 256 peaks near 2 GB for 1 GB of vectors. The result
+    is the same index (same lists, same order). False (nothing done) for other indexes."""
+    ivf = faiss.downcast_index(index)
+    if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.ntotal:
+        return False
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(invlists, faiss.ArrayInvertedLists):
+        return False
+    n = len(source)
+    assign = np.empty(n, np.int64)
+    for start, block in _blocks(source):
+        _, a = ivf.quantizer.search(_as_matrix(block, dim), 1)
+        assign[start:start + len(block)] = a[:, 0]
+    for c, count in enumerate(np.bincount(assign, minlength=ivf.nlist).tolist()):
+        invlists.resize(c, count)
+    filled = np.zeros(ivf.nlist, np.int64)
+    for start, block in _blocks(source):
+        block = _as_matrix(block, dim)
+        cells = assign[start:start + len(block)]
+        order = np.argsort(cells, kind="stable")
+        sorted_cells = cells[order]
+        cuts = np.flatnonzero(np.diff(sorted_cells)) + 1
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(order)].tolist()):
+            if lo == hi:
+                continue
+            c = int(sorted_cells[lo])
+            rows = order[lo:hi]
+            ids = np.ascontiguousarray(rows + start, dtype=np.int64)
+            codes = np.ascontiguousarray(block[rows]).view(np.uint8)
+            invlists.update_entries(c, int(filled[c]), hi - lo, faiss.swig_ptr(ids),
+                                    faiss.swig_ptr(codes))
+            filled[c] += hi - lo
+        if progress:
+            progress(start + len(block))
+    ivf.ntotal = n
+    return True
 
 
 def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
@@ -180,13 +277,18 @@ def range_pairs(index: faiss.Index, blocks: Blocks, threshold: float, *,
     # FAISS keeps sim > radius; the next float32 below t makes that exactly sim >= t
     radius = float(np.nextafter(t, np.float32(-np.inf)))
     flat = _flat_vectors(index)
+    lists = _IvfLists.of(index) if flat is None else None
+    step = QUERY_ROWS if lists is None else IVF_QUERY_ROWS
     parts_i, parts_j, parts_s = [], [], []
     total, rows_done, t0 = 0, 0, time.perf_counter()
     for start, block in blocks:
         q = _as_matrix(block, index.d)
-        for sub in range(0, len(q), QUERY_ROWS):
-            i, j, scores = _block_pairs(index, flat, start + sub, q[sub:sub + QUERY_ROWS],
-                                        radius, t)
+        for sub in range(0, len(q), step):
+            if lists is not None:
+                i, j, scores = lists.block_pairs(start + sub, q[sub:sub + step], t, radius)
+            else:
+                i, j, scores = _block_pairs(index, flat, start + sub, q[sub:sub + step],
+                                            radius, t)
             parts_i.append(i)
             parts_j.append(j)
             parts_s.append(scores)
@@ -221,6 +323,94 @@ def _block_pairs(index: faiss.Index, flat: np.ndarray | None, start: int, q: np.
     return np.minimum(i, j), np.maximum(i, j), scores
 
 
+class _IvfLists:
+    """The self-join of an ``IVF..,Flat`` inner-product index as matrix products.
+
+    FAISS's IVF range search scans each query's `nprobe` lists one query at a time: memory
+    bound (every scanned vector is read once per query). Here the queries of a block are
+    grouped by the list they probe, and each list is compared with all of its queries in one
+    BLAS product, reading the list once per block. The pairs are those FAISS would return
+    (j in a list probed by i, score >= t), several times faster.
+    """
+
+    def __init__(self, ivf: faiss.IndexIVF, invlists: faiss.ArrayInvertedLists) -> None:
+        self.quantizer = ivf.quantizer
+        self.nprobe = int(min(ivf.nprobe, ivf.nlist))
+        self.dim = ivf.d
+        self.vectors: list[np.ndarray] = []
+        self.ids: list[np.ndarray] = []
+        for c in range(ivf.nlist):  # zero-copy views of the stored vectors
+            n = invlists.list_size(c)
+            if n == 0:
+                self.vectors.append(np.zeros((0, ivf.d), np.float32))
+                self.ids.append(np.zeros(0, np.int64))
+                continue
+            codes = faiss.rev_swig_ptr(invlists.get_codes(c), n * ivf.code_size)
+            self.vectors.append(codes.view(np.float32).reshape(n, ivf.d))
+            self.ids.append(faiss.rev_swig_ptr(invlists.get_ids(c), n))
+
+    @classmethod
+    def of(cls, index: faiss.Index) -> _IvfLists | None:
+        """Lists of a plain IVF-Flat IP index held in memory, else None (FAISS searches)."""
+        index = faiss.downcast_index(index)
+        if not isinstance(index, faiss.IndexIVFFlat) or \
+                index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            return None
+        invlists = faiss.downcast_InvertedLists(index.invlists)
+        if not isinstance(invlists, faiss.ArrayInvertedLists):
+            return None
+        return cls(index, invlists)
+
+    def block_pairs(self, start: int, q: np.ndarray, t: np.float32, radius: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs of query rows start.. with a row of a probed list, as (min, max, score)."""
+        empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if len(q) == 0:
+            return empty
+        _, probes = self.quantizer.search(q, self.nprobe)
+        cells = probes.ravel()
+        rows = np.repeat(np.arange(len(q), dtype=np.int64), probes.shape[1])
+        valid = cells >= 0
+        cells, rows = cells[valid], rows[valid]
+        order = np.argsort(cells, kind="stable")
+        cells, rows = cells[order], rows[order]
+        cuts = np.flatnonzero(np.diff(cells)) + 1
+        segments = list(zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(cells)].tolist()))
+
+        def join(part: list[tuple[int, int]]) -> list[tuple[np.ndarray, ...]]:
+            found = []
+            for lo, hi in part:
+                c = int(cells[lo])
+                if len(self.ids[c]) == 0:
+                    continue
+                qi = rows[lo:hi]
+                lims, scores, col = _range_flat(np.ascontiguousarray(q[qi]), self.vectors[c],
+                                                radius)
+                if len(col):
+                    found.append((qi[np.repeat(np.arange(len(qi)), np.diff(lims))] + start,
+                                  self.ids[c][col], scores))
+            return found
+
+        # one product per list is small: single-threaded products on all cores beat
+        # multi-threaded BLAS (whose thread start-up dominates such sizes on a busy machine)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as pool:  # FAISS releases the GIL
+                results = list(pool.map(join, [segments[k::threads] for k in range(threads)]))
+        finally:
+            faiss.omp_set_num_threads(threads)
+        found = [item for part in results for item in part]
+        if not found:
+            return empty
+        i = np.concatenate([f[0] for f in found])
+        j = np.concatenate([f[1] for f in found]).astype(np.int64)
+        s = np.concatenate([f[2] for f in found]).astype(np.float32)
+        keep = (s >= t) & (j >= 0) & (j != i)
+        i, j, s = i[keep], j[keep], s[keep]
+        return np.minimum(i, j), np.maximum(i, j), s
+
+
 # --- keeping faiss.index in step with embeddings.h5 ------------------------------------------
 def is_stale(index_path: str | os.PathLike[str], h5_path: str | os.PathLike[str]) -> bool:
     """True if the index must be rebuilt: missing, unreadable, older than the HDF5 rows, or
@@ -228,20 +418,26 @@ def is_stale(index_path: str | os.PathLike[str], h5_path: str | os.PathLike[str]
     index_path, h5_path = Path(index_path), Path(h5_path)
     if _older_than(index_path, h5_path):
         return True
-    try:
-        index = load_index(index_path)
-    except MgdedupError:
-        return True
+    shape = _peek_shape(index_path)  # the header only: loading 1M rows takes seconds
+    if shape is None:
+        try:
+            index = load_index(index_path)
+        except MgdedupError:
+            return True
+        shape = index.d, index.ntotal
     with IndexStore.open(h5_path) as store:
-        return index.ntotal != len(store) or index.d != store.meta.dim
+        return shape != (store.meta.dim, len(store))
 
 
 def ensure_index(idx_dir: str | os.PathLike[str], store: IndexStore,
                  factory: str | None = None, *,
                  progress: Progress | None = None) -> faiss.Index:
     """The up-to-date search index of `store`, rebuilt and saved as ``idx_dir/faiss.index``
-    when stale. `factory` None keeps the kind of the existing index ("Flat" if none);
-    a different `factory` than the saved one also triggers a rebuild."""
+    when stale. `factory` None: the factory stored in the index (``index --factory``), else
+    the kind of the existing index, else :func:`auto_factory`; a different `factory` than the
+    saved one also triggers a rebuild."""
+    if factory is None and store.meta.factory is not None:
+        factory = store.meta.factory
     path = Path(idx_dir) / INDEX_NAME
     old: faiss.Index | None = None
     reason = "missing" if not path.is_file() else None
@@ -261,7 +457,8 @@ def ensure_index(idx_dir: str | os.PathLike[str], store: IndexStore,
             reason = f"built as {_factory_of(old)!r}, {factory!r} requested"
         else:
             return old
-    kind = factory or (_factory_of(old) if old is not None else None) or "Flat"
+    kind = factory or (_factory_of(old) if old is not None else None) or \
+        auto_factory(len(store))
     log.info("rebuilding %s (%s) as %r from %d rows", path, reason, kind, len(store))
     del old
     index = build_index(store, store.meta.dim, kind, progress=progress)
@@ -295,6 +492,21 @@ def _set_search_defaults(index: faiss.Index) -> None:
         else index
     if hasattr(inner, "hnsw"):
         inner.hnsw.efSearch = max(inner.hnsw.efSearch, DEFAULT_EF_SEARCH)
+
+
+def _peek_shape(path: Path) -> tuple[int, int] | None:
+    """(d, ntotal) from a FAISS file's header without reading the vectors. Every FAISS index
+    file starts with a 4-byte type tag then d (int32) and ntotal (int64); None if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None
+    if len(head) < 16:
+        return None
+    d = int(np.frombuffer(head, "<i4", 1, 4)[0])
+    ntotal = int(np.frombuffer(head, "<i8", 1, 8)[0])
+    return (d, ntotal) if d > 0 and ntotal >= 0 else None
 
 
 def _train(index: faiss.Index, sample: np.ndarray, factory: str) -> None:

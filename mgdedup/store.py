@@ -15,6 +15,10 @@ An HDF5 file. Root attributes:
 ``dim``             int        descriptor dimension D
 ``roots``           str        JSON list of absolute root folders (row ``root`` indexes it)
 ``threshold``       float      optional: the model's measured default duplicate threshold
+``factory``         str        optional: FAISS factory string chosen with ``index --factory``
+                               (absent: chosen automatically from the row count)
+``shard``           str        optional: ``"K/N"`` when the index holds only shard K of N of
+                               its folders (``index --shard``); absent for a whole index
 ``updated``         str        ISO 8601 UTC time of the last write
 ==================  =========  ==========================================================
 
@@ -121,9 +125,13 @@ class IndexMeta:
     dim: int
     roots: list[str] = field(default_factory=list)
     threshold: float | None = None  # default `dedup` threshold measured for these descriptors
+    factory: str | None = None  # FAISS factory the user chose; None: automatic by row count
+    shard: str | None = None  # "K/N" for a shard index (`index --shard`), None for a whole one
 
     def __post_init__(self) -> None:
         self.resolution, self.dim, self.p = int(self.resolution), int(self.dim), float(self.p)
+        self.factory = self.factory or None
+        self.shard = self.shard or None
         if self.dim <= 0 or self.resolution <= 0:
             raise ValueError(f"dim and resolution must be positive, got {self.dim}, "
                              f"{self.resolution}")
@@ -252,7 +260,9 @@ def _read_meta(f: h5py.File, path: Path) -> IndexMeta:
                          resolution=int(attrs["resolution"]), p=float(attrs["p"]),
                          whitening_id=str(attrs["whitening_id"]), dim=int(attrs["dim"]),
                          roots=list(json.loads(attrs["roots"])),
-                         threshold=float(attrs["threshold"]) if "threshold" in attrs else None)
+                         threshold=float(attrs["threshold"]) if "threshold" in attrs else None,
+                         factory=str(attrs["factory"]) if "factory" in attrs else None,
+                         shard=str(attrs["shard"]) if "shard" in attrs else None)
     except (KeyError, ValueError, TypeError) as exc:
         raise MgdedupError(f"index file is corrupt: {path} (bad attribute: "
                            f"{_one_line(exc)})") from exc
@@ -282,6 +292,12 @@ def _write_meta(f: h5py.File, meta: IndexMeta) -> None:
                     "roots": json.dumps(meta.roots), "updated": _now()})
     if meta.threshold is not None:
         f.attrs["threshold"] = float(meta.threshold)
+    for name in ("factory", "shard"):
+        value = getattr(meta, name)
+        if value:
+            f.attrs[name] = str(value)
+        elif name in f.attrs:
+            del f.attrs[name]
 
 
 def _create_datasets(f: h5py.File, dim: int, rows: int = 0) -> None:
@@ -378,9 +394,14 @@ class IndexStore:
         return f"IndexStore({str(self.path)!r}, mode={self.mode!r}, rows={self._n})"
 
     def set_roots(self, roots: list[str]) -> None:
-        """Replace the root list (e.g. a new folder was indexed); rows keep their indices."""
+        """Replace the root list (e.g. a new folder was indexed); rows keep their indices.
+
+        The same list again writes nothing: touching the file would make faiss.index look
+        stale and cost an unchanged re-index a full rebuild."""
         self._check_writable()
         roots = _check_roots(roots)
+        if roots == self._meta.roots:
+            return
         with self._h5("a") as f:
             used = f["root"][: _row_count(f)]
             if used.size and int(used.max()) >= len(roots):
@@ -389,6 +410,22 @@ class IndexStore:
             f.attrs["roots"] = json.dumps(roots)
             f.attrs["updated"] = _now()
         self._meta.roots = roots
+
+    def set_options(self, *, factory: str | None = None, shard: str | None = None) -> None:
+        """Record the FAISS factory and shard spec (None or "" removes them); a no-op, leaving
+        the file untouched (and its mtime, which keeps faiss.index fresh), if nothing changes."""
+        self._check_writable()
+        factory, shard = factory or None, shard or None
+        if (factory, shard) == (self._meta.factory, self._meta.shard):
+            return
+        with self._h5("a") as f:
+            for name, value in (("factory", factory), ("shard", shard)):
+                if value:
+                    f.attrs[name] = value
+                elif name in f.attrs:
+                    del f.attrs[name]
+            f.attrs["updated"] = _now()
+        self._meta.factory, self._meta.shard = factory, shard
 
     # --- writing ---------------------------------------------------------------------------
     def append(self, batch: RowBatch) -> None:

@@ -1,0 +1,155 @@
+"""FAISS factory choice: automatic by row count, `index --factory` remembered, and approximate
+(IVF) dedup finding the pairs an exact brute-force search finds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from conftest import copy_tree, photo
+from typer.testing import CliRunner
+
+from mgdedup import search
+from mgdedup.cli import app
+from mgdedup.dedup import find_duplicates
+from mgdedup.search import (
+    AUTO_IVF_ROWS,
+    auto_factory,
+    build_index,
+    ensure_index,
+    load_index,
+    range_pairs,
+    resolve_factory,
+)
+from mgdedup.store import IndexMeta, IndexStore, RowBatch
+
+runner = CliRunner()
+
+
+def run(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def planted_vectors(n: int = 6000, dim: int = 64, copies: int = 300, seed: int = 3
+                    ) -> np.ndarray:
+    """Random unit rows; `copies` of them replaced by near-copies (cosine 0.85-0.99)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    picked = rng.choice(n, 2 * copies, replace=False)
+    src, dst = picked[:copies], picked[copies:]
+    noise = rng.standard_normal((copies, dim)).astype(np.float32) * rng.uniform(
+        0.02, 0.07, (copies, 1)).astype(np.float32)
+    x[dst] = x[src] + noise
+    x[dst] /= np.linalg.norm(x[dst], axis=1, keepdims=True)
+    return x
+
+
+def brute_force_pairs(x: np.ndarray, t: float) -> set[tuple[int, int]]:
+    i, j = np.nonzero(np.triu(x @ x.T >= np.float32(t), 1))
+    return set(zip(i.tolist(), j.tolist()))
+
+
+def rows(x: np.ndarray) -> RowBatch:
+    n = len(x)
+    ones = np.ones(n, np.int64)
+    return RowBatch(paths=[f"img{k}.jpg" for k in range(n)], root=0 * ones, size=ones,
+                    mtime_ns=ones, digest=["0" * 32] * n, width=ones, height=ones,
+                    embeddings=x, gem_norm=np.ones(n), white_norm=np.ones(n))
+
+
+def test_auto_factory_is_exact_up_to_the_cut_over_then_ivf() -> None:
+    assert auto_factory(0) == auto_factory(AUTO_IVF_ROWS) == "Flat"
+    assert auto_factory(1_000_000) == "IVF1024,Flat"
+    for n in (AUTO_IVF_ROWS + 1, 3_000_000, 50_000_000):
+        nlist = int(auto_factory(n)[3:].split(",")[0])
+        assert nlist & (nlist - 1) == 0 and np.sqrt(n) / 2 <= nlist <= 2 * np.sqrt(n)
+    assert resolve_factory(None, 10) == resolve_factory("auto", 10) == "Flat"
+    assert resolve_factory(" HNSW32 ", 10) == "HNSW32"
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF32,Flat"])
+def test_ivf_range_pairs_equal_brute_force_on_planted_copies(factory: str) -> None:
+    x = planted_vectors()
+    expected = brute_force_pairs(x, 0.8)
+    assert len(expected) >= 300  # every planted copy, and nothing else at this threshold
+    exact = range_pairs(build_index(x, x.shape[1], "Flat"), [(0, x)], 0.8)
+    index = build_index(x, x.shape[1], factory)
+    assert isinstance(index, faiss.IndexIVFFlat) and index.nprobe < index.nlist
+    i, j, s = range_pairs(index, [(0, x[:2500]), (2500, x[2500:])], 0.8)
+    assert set(zip(i.tolist(), j.tolist())) == expected
+    assert set(zip(exact[0].tolist(), exact[1].tolist())) == expected
+    np.testing.assert_allclose(s, np.einsum("ij,ij->i", x[i], x[j]), atol=1e-5)
+
+
+def test_ivf_self_join_returns_what_faiss_range_search_returns(monkeypatch) -> None:
+    """The list-by-list matrix products are only a faster way to FAISS's own IVF search."""
+    x = planted_vectors(n=4000, copies=200, seed=5)
+    index = build_index(x, x.shape[1], "IVF64,Flat")
+    index.nprobe = 4  # few probes: some pairs are missed, and both must miss the same ones
+    ours = range_pairs(index, [(0, x)], 0.5)
+    monkeypatch.setattr(search._IvfLists, "of", classmethod(lambda cls, index: None))
+    theirs = range_pairs(index, [(0, x)], 0.5)
+    assert set(zip(ours[0].tolist(), ours[1].tolist())) == \
+        set(zip(theirs[0].tolist(), theirs[1].tolist()))
+    assert len(ours[0]) > 0
+
+
+def test_dedup_with_a_stored_ivf_factory_finds_the_flat_groups(tmp_path: Path) -> None:
+    x = planted_vectors()
+    groups = {}
+    for name, factory in (("flat", None), ("ivf", "IVF64,Flat")):
+        idx = tmp_path / name
+        meta = IndexMeta("m", "m", 224, 3.0, "", x.shape[1], ["/p"], factory=factory)
+        with IndexStore.create(idx / "embeddings.h5", meta) as store:
+            store.append(rows(x))
+        result = find_duplicates(idx, 0.8)
+        kind = type(load_index(idx / "faiss.index"))
+        assert kind is (faiss.IndexFlatIP if factory is None else faiss.IndexIVFFlat)
+        groups[name] = sorted((g.keeper, sorted(m for m, _ in g.members))
+                              for g in result.groups)
+    assert groups["flat"] == groups["ivf"] and len(groups["flat"]) >= 290
+
+
+def test_ensure_index_uses_the_stored_factory(tmp_path: Path) -> None:
+    x = planted_vectors(n=3000, copies=10)
+    meta = IndexMeta("m", "m", 224, 3.0, "", x.shape[1], ["/p"])
+    with IndexStore.create(tmp_path / "embeddings.h5", meta) as store:
+        store.append(rows(x))
+        assert isinstance(ensure_index(tmp_path, store), faiss.IndexFlat)  # auto: small
+        store.set_options(factory="IVF16,Flat")
+        assert store.meta.factory == "IVF16,Flat"
+        assert isinstance(ensure_index(tmp_path, store), faiss.IndexIVFFlat)
+    with IndexStore.open(tmp_path / "embeddings.h5") as store:
+        assert store.meta.factory == "IVF16,Flat"
+
+
+def test_factory_persists_across_reindex(planted, tmp_path: Path) -> None:
+    folder = copy_tree(planted.folder, tmp_path / "photos")
+    idx = tmp_path / "idx"
+    result = run("index", folder, "-r", "64", "--workers", "0", "--out", idx,
+                 "--factory", "IVF4,Flat")
+    assert result.exit_code == 0, result.output
+    assert isinstance(load_index(idx / "faiss.index"), faiss.IndexIVFFlat)
+    # a new file, no --factory: the index keeps the remembered one
+    photo(80, 60, seed=9).save(folder / "extra.png")
+    result = run("index", folder, "-r", "64", "--workers", "0", "--out", idx)
+    assert result.exit_code == 0, result.output
+    with IndexStore.open(idx / "embeddings.h5") as store:
+        assert store.meta.factory == "IVF4,Flat"
+        n = len(store)
+    index = load_index(idx / "faiss.index")
+    assert isinstance(index, faiss.IndexIVFFlat) and index.ntotal == n
+    # back to automatic: small, so exact; nothing embedded, still rebuilt
+    result = run("index", folder, "-r", "64", "--workers", "0", "--out", idx,
+                 "--factory", "auto")
+    assert result.exit_code == 0 and "0 indexed" in result.output, result.output
+    assert isinstance(load_index(idx / "faiss.index"), faiss.IndexFlat)
+    with IndexStore.open(idx / "embeddings.h5") as store:
+        assert store.meta.factory is None
+    result = run("index", folder, "-r", "64", "--workers", "0", "--out", idx,
+                 "--factory", "IVF,Nope")
+    assert result.exit_code == 1 and "invalid FAISS factory" in result.output
+    assert "Traceback" not in result.output
