@@ -23,10 +23,16 @@ Accepted layouts:
 * ImageNet val: ImageFolder layout ``root/val/<class>/*`` or ``root/<class>/*``. Class index
   = position of the class folder in the sorted (by name, like torchvision's ImageFolder)
   list of all class folders, empty ones included, so that indices match a 1000-way model.
+* Pairs (any folder + ground truth of copies): a JSON file ``{"groups": [["a.jpg",
+  "edits/a_crop.jpg"], ["b.png", "b_copy.jpg", "c.jpg"], ...]}``, paths relative to DIR
+  ('/'-separated). Every image below DIR (recursively) is in the set, sorted by relative path;
+  images of one group are copies of each other, every other pair (an unlisted image included)
+  is a non-copy. A group has at least 2 images and an image is in at most one group.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,3 +252,51 @@ def load_imagenet_val(root: Path | str) -> ImageNetVal:
         raise MgdedupError(f"no image in the {len(classes)} class folders of {folder}; "
                            f"expected {expected}")
     return ImageNetVal(paths, np.array(labels, dtype=np.int64), classes)
+
+
+@dataclass
+class PairsSet:
+    paths: list[Path]  # every image below DIR, sorted by relative path
+    groups: np.ndarray  # (N,) group id: listed groups 0..G-1, then one id per unlisted image
+    n_groups: int  # listed groups
+
+
+def load_pairs(ground_truth: Path | str, root: Path | str) -> PairsSet:
+    """A folder of images and a JSON ground truth of copy groups (module docstring)."""
+    expected = 'a JSON file {"groups": [["a.jpg", "a_copy.jpg"], ...]} with paths relative to DIR'
+    ground_truth, root = Path(ground_truth), _folder(Path(root), "a folder of images")
+    if not ground_truth.is_file():
+        raise MgdedupError(f"ground truth {ground_truth} not found; expected {expected}")
+    try:
+        data = json.loads(ground_truth.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MgdedupError(f"{ground_truth} is not JSON ({str(error).splitlines()[0]}); "
+                           f"expected {expected}") from None
+    groups = data.get("groups") if isinstance(data, dict) else None
+    if not isinstance(groups, list) or not groups or not all(
+            isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups):
+        raise MgdedupError(f"{ground_truth} has no list of groups; expected {expected}")
+    images = {p.relative_to(root).as_posix(): p for p in root.rglob("*")
+              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+              and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    group_of: dict[str, int] = {}
+    for number, members in enumerate(groups):
+        if len(members) < 2:
+            raise MgdedupError(f"{ground_truth}: group {number + 1} has {len(members)} image(s), "
+                               "a group of copies needs at least 2")
+        for name in members:
+            rel = Path(name).as_posix()
+            if rel not in images:
+                if (root / rel).is_file():  # listed, not an image suffix: trust the list
+                    images[rel] = root / rel
+                else:
+                    raise MgdedupError(f"{ground_truth}: group {number + 1}: {name} is not "
+                                       f"an image in {root}")
+            if rel in group_of:
+                raise MgdedupError(f"{ground_truth}: {name} is in groups {group_of[rel] + 1} "
+                                   f"and {number + 1}; an image is in at most one group")
+            group_of[rel] = number
+    names = sorted(images)
+    next_id = iter(range(len(groups), len(groups) + len(names)))
+    ids = [group_of[n] if n in group_of else next(next_id) for n in names]
+    return PairsSet([images[n] for n in names], np.array(ids, dtype=np.int64), len(groups))
