@@ -49,25 +49,48 @@ def index(
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     rebuild: Annotated[bool, typer.Option(
         "--rebuild", help="Replace an index built with another model or resolution.")] = False,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto|torch|onnx. auto: ONNX Runtime on CPU when available "
+                          "(same descriptors, faster), else PyTorch; CUDA uses PyTorch.")
+    ] = "auto",
+    shard: Annotated[str | None, typer.Option(
+        "--shard", metavar="K/N",
+        help="Embed only share K of N (1 <= K <= N, by a hash of each file's path) into its "
+             "own index; combine the N shard indexes with `mgdedup merge`. Default --out: "
+             ".mgdedup/shard-K-of-N inside the first folder.")] = None,
+    factory: Annotated[str | None, typer.Option(
+        "--factory", metavar="FACTORY",
+        help="FAISS index for search, remembered by the index: 'Flat' (exact), e.g. "
+             "'IVF4096,Flat' (approximate, for millions of images), or 'auto' (exact up to "
+             "250k images, IVF above). Default: what the index remembers, else auto.")] = None,
 ) -> None:
     """Embed every image below FOLDERS; re-running only embeds new or changed files.
 
-    Example: mgdedup index ~/photos --resolution 500
+    Examples: mgdedup index ~/photos --resolution 500;
+    N workers: mgdedup index ~/photos --shard K/N (K = 1..N), then
+    mgdedup merge ~/photos/.mgdedup/shard-*-of-N --out ~/photos/.mgdedup
     """
-    from mgdedup.indexer import ProgressHooks, update_index
+    from mgdedup.embed import preferred_backend
+    from mgdedup.indexer import ProgressHooks, Shard, update_index
     from mgdedup.locate import default_index_dir
     from mgdedup.registry import canonical_spec, load_model
 
+    parsed = Shard.parse(shard) if shard is not None else None
     spec = canonical_spec(model)
     loaded = load_model(spec)
-    index_dir = out.expanduser() if out is not None else default_index_dir(folders)
-    with progress_bar("embedding") as progress:
+    if out is not None:
+        index_dir = out.expanduser()
+    elif parsed is not None:  # N workers must not share one folder: one index each
+        index_dir = default_index_dir(folders) / f"shard-{parsed.k}-of-{parsed.n}"
+    else:
+        index_dir = default_index_dir(folders)
+    with preferred_backend(backend), progress_bar("embedding") as progress:
         task = progress.add_task("embedding", total=None)
         hooks = ProgressHooks(start=lambda total: progress.update(task, total=total),
                               advance=lambda count: progress.advance(task, count))
         summary = update_index(folders, index_dir, loaded, spec, resolution,
                                batch_size=batch_size, workers=workers, rebuild=rebuild,
-                               device=device, progress=hooks)
+                               device=device, progress=hooks, shard=parsed, factory=factory)
     line = (f"{summary.embedded} indexed, {summary.skipped} skipped"
             + (f" (see {summary.errors_path})" if summary.skipped else "")
             + f"; {summary.unchanged} unchanged, {summary.removed} removed; "
@@ -98,6 +121,18 @@ def dedup(
     permanent: Annotated[bool, typer.Option(
         "--permanent", help="With --action delete: unlink instead of trashing (cannot be "
                             "undone).")] = False,
+    precision: Annotated[float | None, typer.Option(
+        "--precision", "-p", min=0.0, max=1.0,
+        help="Use the threshold estimated to reach this precision on this collection "
+             "(`mgdedup calibrate`; run first when missing or stale). Not with --threshold."
+    )] = None,
+    score_norm: Annotated[bool | None, typer.Option(
+        "--score-norm/--no-score-norm",
+        help="Score pairs by SSCD-normalised similarity (the collection as background) "
+             "instead of plain cosine; --threshold is then on that scale, and without one "
+             "the threshold is calibrated for precision 0.99. Default: normalised with "
+             "--precision, cosine otherwise.")
+    ] = None,
 ) -> None:
     """Print duplicate groups: a keeper (most pixels, then largest file) and its copies.
 
@@ -107,11 +142,27 @@ def dedup(
     from mgdedup.dedup import find_duplicates
     from mgdedup.locate import find_index
     from mgdedup.report import groups_to_csv, groups_to_json, print_groups_table
+    from mgdedup.score_norm import ScoreNorm, default_score_norm
 
+    if threshold is not None and precision is not None:
+        raise MgdedupError("give --threshold or --precision, not both")
     if output_format is Format.html and out is None and action is None:
         raise MgdedupError("--format html needs --out FILE (a self-contained page)")
     where = find_index(index_dir)
-    result = find_duplicates(where, threshold)
+    norm = default_score_norm(precision is not None) if score_norm is None else \
+        (ScoreNorm() if score_norm else None)
+    with progress_bar("calibrating") as progress:
+        task = progress.add_task("calibrating", total=None, visible=False)
+
+        def calibrating(reason: str) -> None:
+            err.print(f"calibrating the threshold for this collection ({reason}; stored in "
+                      f"{where} for next time)", highlight=False, soft_wrap=True)
+            progress.update(task, visible=True)
+
+        result = find_duplicates(
+            where, threshold, precision=precision, score_norm=norm, on_calibrate=calibrating,
+            on_start=lambda total: progress.update(task, total=total),
+            on_progress=lambda count: progress.advance(task, count))
     if action is not None:
         _act(where, result, action, to, apply, permanent)
         return
@@ -124,10 +175,16 @@ def dedup(
     elif output_format is Format.table and out is None:
         print_groups_table(result.groups, result.facts, Console())
     else:
+        normalised = result.score_norm is not None
         if output_format is Format.json:
-            text = groups_to_json(result.groups, result.facts, result.threshold) + "\n"
+            text = groups_to_json(result.groups, result.facts, result.threshold,
+                                  threshold_source=result.threshold_source,
+                                  target_precision=result.target_precision,
+                                  normalised=normalised) + "\n"
         elif output_format is Format.csv:
-            text = groups_to_csv(result.groups, result.facts)
+            text = groups_to_csv(result.groups, result.facts, result.threshold,
+                                 threshold_source=result.threshold_source,
+                                 normalised=normalised)
         else:
             buffer = Console(record=True, width=160, file=io.StringIO())
             print_groups_table(result.groups, result.facts, buffer)
@@ -135,8 +192,20 @@ def dedup(
         _write_output(text, out)
     err.print(f"{len(result.groups)} groups, {result.duplicate_count} duplicates, "
               f"{result.reclaimable_bytes / 1e6:.1f} MB reclaimable at threshold "
-              f"{result.threshold:g}",
+              f"{result.threshold:g} ({_threshold_origin(result)})",
               highlight=False)
+
+
+def _threshold_origin(result: DedupResult) -> str:
+    """How the threshold of a dedup run was chosen, in words."""
+    scale = "normalised scores" if result.score_norm is not None else "cosine"
+    if result.threshold_source == "precision":
+        return f"calibrated for precision {result.target_precision:g}, {scale}"
+    if result.threshold_source == "measured":
+        return f"measured for the model, {scale}"
+    if result.threshold_source == "default":
+        return f"generic default, {scale}"
+    return f"given, {scale}"
 
 
 def _act(where: Path, result: DedupResult, action: ActionName, to: Path | None, apply: bool,
@@ -405,3 +474,4 @@ def main() -> None:
 
 # Commands of other areas register themselves on the shared app when imported.
 # (Each area's module is listed here once; nothing else in this file changes for them.)
+from mgdedup import cli_eval, cli_review, cli_scale, cli_train  # noqa: F401

@@ -11,10 +11,17 @@ from PIL import Image
 from mgdedup.synthetic import PlantedCollection, make_collection
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """One cache folder (ONNX graphs, eval embeddings) shared by the whole test session."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_config(tmp_path_factory, monkeypatch):
-    """Never read or write the developer's ~/.config/mgdedup."""
+def isolated_config(tmp_path_factory, monkeypatch, session_cache):
+    """Never read or write the developer's ~/.config/mgdedup or ~/.cache/mgdedup."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(session_cache))
     monkeypatch.setenv("COLUMNS", "200")
 
 

@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mgdedup.cli import app
+from mgdedup.embed import Embedder
 from mgdedup.synthetic import random_scene
-from mgdedup.trunks.efficientnet_lite import EfficientNetLite0
 
 runner = CliRunner()
 
@@ -137,14 +137,15 @@ def test_classify_images_and_index_agree(planted, tmp_path):
 
 
 def _count_trunk_images(monkeypatch) -> list[int]:
+    """Images sent through the trunk, whichever backend (torch or ONNX) runs it."""
     calls: list[int] = []
-    original = EfficientNetLite0.forward_features
+    original = Embedder._gem_batch
 
-    def counting(self, images):
-        calls.append(images.shape[0])
-        return original(self, images)
+    def counting(self, batch):
+        calls.append(batch.shape[0])
+        return original(self, batch)
 
-    monkeypatch.setattr(EfficientNetLite0, "forward_features", counting)
+    monkeypatch.setattr(Embedder, "_gem_batch", counting)
     return calls
 
 
