@@ -206,6 +206,32 @@ def build_lite0_graph(trunk: torch.nn.Module,
     return model.SerializeToString()
 
 
+def split_weights(model_bytes: bytes, weights_name: str) -> tuple[bytes, bytes]:
+    """(graph, weights): the initialisers moved to one external file `weights_name`.
+
+    Every padding class has the same initialisers in the same order (classes differ only in
+    Conv pads), so all classes of one model share one weights file and each cached graph is a
+    few kB instead of ~19 MB.
+    """
+    from onnx import ModelProto, TensorProto
+
+    model = ModelProto()
+    model.ParseFromString(model_bytes)
+    blob = bytearray()
+    for tensor in model.graph.initializer:
+        raw = tensor.raw_data
+        offset = len(blob)
+        blob += raw
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", weights_name), ("offset", str(offset)),
+                           ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return model.SerializeToString(), bytes(blob)
+
+
 def weights_fingerprint(trunk: torch.nn.Module, name: str) -> str:
     """Digest of the trunk's weights as they are now, in `MultiGrainModel.fingerprint`'s format
     (equal to it for an unmodified model; that one is cached and goes stale when a model is
@@ -254,16 +280,27 @@ class OnnxTrunk:
         variant = f"v{GRAPH_VERSION}-ort{self.ort.__version__}-fp32-{class_name(key)}"
         return self.cache / f"{self.fingerprint}-{variant}.onnx"
 
+    def weights_path(self) -> Path:
+        """The one weights file every class's graph of this model refers to."""
+        return self.cache / f"{self.fingerprint}-v{GRAPH_VERSION}.weights"
+
     def _write_checked(self, key: tuple[tuple[int, ...], tuple[int, ...]]) -> Any:
         """Write the graph of a class, check it against PyTorch, keep the file only if good."""
-        path = self.model_path(key)
+        path, weights = self.model_path(key), self.weights_path()
         log.info("writing ONNX graph %s", path)
-        _write_atomic(path, build_lite0_graph(self.trunk, key))
+        graph, blob = split_weights(build_lite0_graph(self.trunk, key), weights.name)
+        wrote_weights = False
+        if not weights.is_file() or weights.stat().st_size != len(blob):
+            _write_atomic(weights, blob)
+            wrote_weights = True
+        _write_atomic(path, graph)
         try:
             session = self._new_session(path)
             self._check(session, key)
         except BaseException:
             path.unlink(missing_ok=True)
+            if wrote_weights:
+                weights.unlink(missing_ok=True)
             raise
         return session
 
