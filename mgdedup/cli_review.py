@@ -63,8 +63,9 @@ def calibrate(
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
-    """Estimate the threshold reaching each target precision on this collection, no labels
-    needed, and store it for `dedup --precision`.
+    """Estimate, without labels, the threshold reaching each target precision here.
+
+    The result is stored in the index folder for `dedup --precision`.
 
     Example: mgdedup calibrate --target-precision 0.95
     """
