@@ -61,16 +61,20 @@ class Lighting(nn.Module):
 
 
 class FullAugmentation(nn.Module):
-    """PIL image -> float (3, size, size) in [0, 1]: crop, flip, colour jitter, lighting."""
+    """PIL image -> float (3, size, size) in [0, 1]: crop, flip, colour jitter, lighting.
 
-    def __init__(self, size: int = 224) -> None:
+    `colour` replaces the colour jitter (e.g. AutoAugment's policy); the rest stays the same.
+    """
+
+    def __init__(self, size: int = 224, colour: nn.Module | None = None) -> None:
         super().__init__()
         self.size = int(size)
         self.geometry = v2.Compose([
             v2.RandomResizedCrop(self.size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
             v2.RandomHorizontalFlip(),
         ])
-        self.colour = v2.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER)
+        self.colour = colour if colour is not None else v2.ColorJitter(
+            brightness=JITTER, contrast=JITTER, saturation=JITTER)
         self.to_float = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
         self.lighting = Lighting()
 

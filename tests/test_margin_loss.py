@@ -15,15 +15,7 @@ from mgdedup.training.margin_loss import (
     sampling_weights,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-off (OpenMP/MKL spin-waits) costs more than the math on a
-    loaded machine, up to 40 ms for one 24 x 8 matmul."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def ref_weights(dist, ids, dim, cutoff=0.5, nonzero_loss_cutoff=1.4):

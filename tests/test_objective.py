@@ -10,15 +10,7 @@ import torch.nn.functional as F
 from mgdedup.training.margin_loss import MarginLoss, distance_weighted_negatives
 from mgdedup.training.objective import joint_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-off (OpenMP/MKL spin-waits) costs more than the math on a
-    loaded machine, up to 40 ms for one 24 x 8 matmul."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def np_cross_entropy(logits, labels):

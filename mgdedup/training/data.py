@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
-from mgdedup.augment import CROP_RATIO, CROP_SCALE, FullAugmentation, Lighting
+from mgdedup.augment import FullAugmentation
 from mgdedup.errors import MgdedupError
 from mgdedup.imageio import ImageReadError, open_rgb
 from mgdedup.scan import IMAGE_EXTENSIONS, scan_images
@@ -43,27 +43,14 @@ DECODE_MARGIN = 2
 
 
 # --- augmentations -----------------------------------------------------------------------
-class AutoAugmentation(nn.Module):
+class AutoAugmentation(FullAugmentation):
     """`--augment autoaugment`: crop and flip as "full", torchvision's ImageNet AutoAugment
     policy instead of colour jitter, then PCA lighting (the reference's "3BAA" recipe)."""
 
     def __init__(self, size: int = 224) -> None:
-        super().__init__()
         from torchvision.transforms import v2
 
-        self.size = int(size)
-        self.geometry = v2.Compose([
-            v2.RandomResizedCrop(self.size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ])
-        self.policy = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
-        self.to_float = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
-        self.lighting = Lighting()
-
-    def forward(self, image: Image.Image) -> Tensor:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return self.lighting(self.to_float(self.policy(self.geometry(image))))
+        super().__init__(size, colour=v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
 
 
 def build_augmentation(name: str, size: int) -> nn.Module:
