@@ -9,8 +9,9 @@ In one run, for each s*:
   naive     full decode (`PIL.Image.open(...).convert("RGB")`), resize to the same geometry,
             one image at a time through the same model in PyTorch.
   ceiling   forward only (trunk + GeM) on random tensors of the s* shape (224x224, 500x375),
-            for PyTorch (batch --batch-size) and ONNX Runtime (batch 1 and --batch-size);
-            the ceiling of the backend `index` used is the better of its batch sizes.
+            for PyTorch (batch --batch-size) and ONNX Runtime: one process using every core
+            (batch 1 and --batch-size) and one single-threaded process per core ("Nx1",
+            as `index` runs it); the ceiling of the backend `index` used is the best of these.
 Images are 4000x3000 q90 JPEGs made in a temporary folder: real photos from --source upscaled,
 with film grain so the files have a camera photo's entropy (3-5 MB, which is what sets the
 Huffman decoding cost that no draft scaling avoids); generated scenes without --source.
@@ -28,6 +29,7 @@ import argparse
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import resource
@@ -42,9 +44,11 @@ import torch
 from PIL import Image
 
 from mgdedup.cpus import available_cpus
-from mgdedup.embed import Embedder, preferred_backend
+from mgdedup.embed import Embedder, default_workers, preferred_backend
 from mgdedup.indexer import update_index
 from mgdedup.model import MultiGrainModel
+from mgdedup.onnx_runtime import OnnxTrunk
+from mgdedup.pooling import gem
 from mgdedup.registry import DEFAULT_MODEL, load_model
 from mgdedup.synthetic import random_scene
 from mgdedup.transforms import resize_for_resolution, to_tensor
@@ -127,6 +131,35 @@ def forward_rate(forward: Callable[[torch.Tensor], torch.Tensor], shape: tuple[i
     return Rate(done / (time.perf_counter() - start), 1000 * (_cpu_seconds() - cpu) / done)
 
 
+def _forward_alone(trunk: torch.nn.Module, name: str, shape: tuple[int, int, int], p: float,
+                   seconds: float) -> tuple[int, float, float]:
+    """In a child process: a single-threaded ONNX Runtime forward loop (images, start, end)."""
+    torch.set_num_threads(1)
+    onnx = OnnxTrunk(trunk, name, threads=1)
+    x = torch.rand(1, *shape)
+    gem(onnx.forward_features(x), p)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        gem(onnx.forward_features(x), p)
+        done += 1
+    return done, start, time.perf_counter()
+
+
+def forward_rate_processes(embedder: Embedder, shape: tuple[int, int, int], processes: int,
+                           seconds: float) -> Rate:
+    """Single-threaded ONNX Runtime forward passes in `processes` processes at once."""
+    model = embedder.model
+    cpu = _cpu_seconds()
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        runs = pool.starmap(_forward_alone, [(model.trunk, model.info.trunk, shape, embedder.p,
+                                              seconds)] * processes)
+        pool.close()
+        pool.join()
+    done = sum(r[0] for r in runs)
+    wall = max(r[2] for r in runs) - min(r[1] for r in runs)
+    return Rate(done / wall, 1000 * (_cpu_seconds() - cpu) / done)
+
+
 def naive_run(model: MultiGrainModel, paths: list[Path], resolution: int) -> int:
     """Full decode + resize + one image at a time through the PyTorch model."""
     p = model.p_for(resolution)
@@ -140,7 +173,7 @@ def naive_run(model: MultiGrainModel, paths: list[Path], resolution: int) -> int
 
 
 def index_once(folder: Path, model: MultiGrainModel, resolution: int, batch_size: int,
-               workers: int, backend: str) -> int:
+               workers: int | None, backend: str) -> int:
     """One `update_index` of `folder` into a fresh temporary index, as the CLI runs it."""
     with tempfile.TemporaryDirectory() as out, preferred_backend(backend):
         summary = update_index([folder], Path(out) / "idx", model, DEFAULT_MODEL, resolution,
@@ -165,6 +198,8 @@ def forward_ceilings(embedder: Embedder, shape: tuple[int, int, int], batch_size
             return model.pool(onnx.forward_features(x))
         ceilings["onnx b1"] = forward_rate(onnx_forward, shape, 1, seconds)
         ceilings[f"onnx b{batch_size}"] = forward_rate(onnx_forward, shape, batch_size, seconds)
+        cpus = available_cpus()
+        ceilings[f"onnx {cpus}x1"] = forward_rate_processes(embedder, shape, cpus, seconds)
     return ceilings
 
 
@@ -202,7 +237,8 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=None,
                         help="folder of photos to upscale (default: generated scenes)")
     parser.add_argument("--resolutions", default="224,500")
-    parser.add_argument("--workers", default="1", help="comma list, e.g. 0,1")
+    parser.add_argument("--workers", default="auto",
+                        help="comma list, e.g. 0,1,2 (auto: what `index` picks)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
     parser.add_argument("--repeats", type=int, default=1)
@@ -215,7 +251,7 @@ def main() -> None:
 
     model = load_model(DEFAULT_MODEL)
     backend = Embedder(model, 500, backend=args.backend, workers=0).backend  # + thread counts
-    workers_list = [int(w) for w in args.workers.split(",")]
+    workers_list = [None if w == "auto" else int(w) for w in args.workers.split(",")]
     rows, record = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
@@ -237,6 +273,8 @@ def main() -> None:
             ceiling = max((v for k, v in ceilings.items() if k.startswith(backend)),
                           key=lambda rate: rate.per_s)
             for workers, rate in index_rates.items():
+                if workers is None:
+                    workers = f"auto ({default_workers(backend == 'onnx')})"
                 rows.append((resolution, f"{shape[2]}x{shape[1]}", workers, rate, naive,
                              ceilings, ceiling))
                 record.append({

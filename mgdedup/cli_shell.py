@@ -49,7 +49,9 @@ IndexOption = Annotated[Path | None, typer.Option(
     "--index", "-i", help="Index folder. Default: one in the current directory, else the one "
                           "written last.")]
 WorkersOption = Annotated[int | None, typer.Option(
-    "--workers", min=0, help="Image decoding processes (0: decode in the main process).")]
+    "--workers", min=0,
+    help="Worker processes (default: one per core with ONNX Runtime, which run decoding and "
+         "the model; else cores - 1 decoding for the main process). 0: all in this process.")]
 
 
 def user_errors(command: F) -> F:

@@ -1,12 +1,20 @@
 """Turning image files into stored descriptors, batch by batch.
 
-Decoding runs in DataLoader worker processes and overlaps the model's forward pass. At s* > 224
-images keep their aspect ratio, so a batch holds tensors of several shapes: those of one shape
-are stacked and run together (no padding, which would change the GeM vector), the rest alone.
+Two pipelines, both in DataLoader worker processes and both yielding batches in input order:
 
-Backends: on CPU the trunk runs in ONNX Runtime when it can (`mgdedup.onnx_runtime`, 2-3x
-faster than PyTorch eager here, descriptors equal to ~1e-6), else in PyTorch; on CUDA always
-in PyTorch. GeM with p* is computed in torch on the feature map either way.
+- ONNX Runtime on CPU (the default there): each worker decodes an image AND runs the trunk
+  and GeM on it with its own single-threaded session, and sends back the C-d GeM vector.
+  The cores never wait for each other, and no decoded image crosses a process boundary
+  (a 500x375 float tensor is 2.2 MB). Measured on 2 cores, 12 MP JPEGs at s* = 500: 1.5x the
+  images/s of decoding in one worker while the main process runs a 2-thread session, which
+  spent 132 ms CPU per image against 113 ms here (see BENCHMARKS.md).
+- PyTorch (CUDA, `--backend torch`, or no ONNX path): workers decode, the main process runs
+  the forward pass, overlapping them. At s* > 224 images keep their aspect ratio, so a batch
+  holds tensors of several shapes: those of one shape are stacked and run together (no
+  padding, which would change the GeM vector), the rest alone.
+
+ONNX Runtime gives descriptors equal to PyTorch's to ~1e-6 (`mgdedup.onnx_runtime`). GeM with
+p* is computed in torch on the feature map either way.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from mgdedup.errors import MgdedupError
 from mgdedup.imageio import ImageReadError
 from mgdedup.model import Descriptors, MultiGrainModel
 from mgdedup.onnx_runtime import OnnxTrunk
+from mgdedup.pooling import gem as gem_pool
 from mgdedup.scan import file_digest
 from mgdedup.transforms import load_for_embedding
 
@@ -38,13 +47,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DecodedImage:
-    """One worker result: a tensor ready for the trunk, or the reason it could not be read."""
+    """One worker result: a tensor ready for the trunk (or, when the worker ran the trunk, the
+    image's GeM vector), or the reason it could not be read."""
 
     position: int
     tensor: Tensor | None
     size: tuple[int, int]  # original (width, height) after EXIF orientation
     digest: str
     error: str | None = None
+    gem: Tensor | None = None  # (C,) when computed in the worker
+
+    @property
+    def readable(self) -> bool:
+        return self.tensor is not None or self.gem is not None
 
 
 @dataclass
@@ -59,13 +74,53 @@ class EmbeddedBatch:
     gem: Tensor | None = None  # (B, C) raw GeM vectors, when asked for (exact classification)
 
 
-class ImageFiles(Dataset):
-    """Decodes files for one test resolution; never raises for a bad file."""
+class WorkerForward:
+    """Trunk + GeM run inside a DataLoader worker through the worker's own ONNX Runtime
+    sessions, built on first use in that process (sessions and their thread pools must not
+    cross a fork). If ONNX Runtime fails there, the worker says so once and hands the decoded
+    tensor back, for the main process to run in PyTorch."""
 
-    def __init__(self, paths: Sequence[Path], resolution: int, digest: bool = True) -> None:
+    def __init__(self, onnx: OnnxTrunk, p: float, eps: float, threads: int,
+                 max_sessions: int) -> None:
+        self.trunk, self.name, self.cache = onnx.trunk, onnx.name, onnx.cache
+        self.fingerprint = onnx.fingerprint
+        self.p, self.eps = float(p), eps
+        self.threads, self.max_sessions = threads, max_sessions
+        self._onnx: OnnxTrunk | None = None
+        self._failed = False
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_onnx": None}  # spawn: the sessions stay behind
+
+    def __call__(self, item: DecodedImage) -> DecodedImage:
+        if self._failed or item.tensor is None:
+            return item
+        try:
+            if self._onnx is None:
+                self._onnx = OnnxTrunk(self.trunk, self.name, threads=self.threads,
+                                       cache=self.cache, max_sessions=self.max_sessions,
+                                       fingerprint=self.fingerprint)
+            with torch.inference_mode():
+                features = self._onnx.forward_features(item.tensor.unsqueeze(0))
+                vector = gem_pool(features, self.p, self.eps)[0]
+        except Exception as error:  # noqa: BLE001 - ORT errors subclass Exception only
+            log.warning("ONNX Runtime failed in a decoding worker (%s): using PyTorch", error)
+            self._failed = True
+            return item
+        item.gem, item.tensor = vector, None
+        return item
+
+
+class ImageFiles(Dataset):
+    """Decodes files for one test resolution (and, given `forward`, embeds them); never raises
+    for a bad file."""
+
+    def __init__(self, paths: Sequence[Path], resolution: int, digest: bool = True,
+                 forward: WorkerForward | None = None) -> None:
         self.paths = list(paths)
         self.resolution = resolution
         self.digest = digest
+        self.forward = forward
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -79,15 +134,28 @@ class ImageFiles(Dataset):
             return DecodedImage(position, None, (0, 0), "", str(error))
         except OSError as error:
             return DecodedImage(position, None, (0, 0), "", f"cannot read file: {error.strerror}")
-        return DecodedImage(position, tensor, size, digest)
+        item = DecodedImage(position, tensor, size, digest)
+        return self.forward(item) if self.forward is not None else item
 
 
 def _keep_list(items: list[DecodedImage]) -> list[DecodedImage]:
     return items
 
 
-def default_workers() -> int:
-    """Decoding processes: leave the cores to the forward pass on small machines."""
+def _keep_item(item: DecodedImage) -> DecodedImage:
+    return item
+
+
+#: most worker processes that each run their own ONNX Runtime sessions (each holds its own
+#: weights, ~65 MB a session); on more cores each gets several threads
+MAX_FORWARD_WORKERS = 8
+
+
+def default_workers(forward_in_workers: bool = False) -> int:
+    """Worker processes. Decoding only: leave the cores to the forward pass on small machines.
+    Decoding and forward pass: one per core (up to MAX_FORWARD_WORKERS)."""
+    if forward_in_workers:
+        return min(available_cpus(), MAX_FORWARD_WORKERS)
     return max(1, min(4, available_cpus() - 1))
 
 
@@ -146,7 +214,6 @@ class Embedder:
         self.p = model.p_for(self.resolution)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.workers = default_workers() if workers is None else workers
         if self.device.type == "cpu" and torch.get_num_threads() > available_cpus():
             torch.set_num_threads(available_cpus())  # more threads than cores only thrash
         self.onnx: OnnxTrunk | None = None
@@ -154,7 +221,14 @@ class Embedder:
             self.onnx = _onnx_trunk(self.model, backend)
         elif backend == "onnx":
             log.warning("--backend onnx is CPU-only: using PyTorch on %s", self.device)
-        log.debug("embedding backend: %s", self.backend)
+        self.workers = default_workers(self.onnx is not None) if workers is None else workers
+        log.debug("embedding backend: %s, %d workers%s", self.backend, self.workers,
+                  " (forward pass in the workers)" if self.forward_in_workers else "")
+
+    @property
+    def forward_in_workers(self) -> bool:
+        """True when the worker processes run the trunk too (ONNX Runtime on CPU)."""
+        return self.onnx is not None and self.workers > 0
 
     @property
     def backend(self) -> str:
@@ -190,16 +264,13 @@ class Embedder:
     def embed_files(self, paths: Sequence[Path], *, digest: bool = True, keep_gem: bool = False,
                     on_progress: Callable[[int], None] | None = None) -> Iterator[EmbeddedBatch]:
         """Yield one EmbeddedBatch per `batch_size` files, in input order."""
-        loader = DataLoader(ImageFiles(paths, self.resolution, digest), batch_size=self.batch_size,
-                            num_workers=self.workers, collate_fn=_keep_list,
-                            prefetch_factor=4 if self.workers else None)
-        for items in loader:
-            good = [item for item in items if item.tensor is not None]
+        for items in self._decoded_batches(paths, digest):
+            good = [item for item in items if item.readable]
             errors = [(item.position, item.error or "unreadable") for item in items
-                      if item.tensor is None]
+                      if not item.readable]
             gem = None
             if good:
-                gem = self.gem([item.tensor for item in good])
+                gem = self._gem_of(good)
                 descriptors = self.model.describe(gem, self.resolution)
             else:
                 dim = self.model.descriptor_dim(self.resolution)
@@ -213,3 +284,40 @@ class Embedder:
             if on_progress is not None:
                 on_progress(len(items))
 
+    def _decoded_batches(self, paths: Sequence[Path],
+                         digest: bool) -> Iterator[list[DecodedImage]]:
+        """Lists of `batch_size` worker results in input order. With the forward pass in the
+        workers they hand out single images, so no worker idles at the end of a run while
+        another finishes a whole batch."""
+        if not self.forward_in_workers:
+            loader = DataLoader(ImageFiles(paths, self.resolution, digest),
+                                batch_size=self.batch_size, num_workers=self.workers,
+                                collate_fn=_keep_list, prefetch_factor=4 if self.workers else None)
+            yield from loader
+            return
+        assert self.onnx is not None
+        threads = max(1, available_cpus() // self.workers)
+        forward = WorkerForward(self.onnx, self.p, self.model.pool.eps, threads,
+                                max_sessions=max(4, onnx_runtime.MAX_SESSIONS // self.workers))
+        loader = DataLoader(ImageFiles(paths, self.resolution, digest, forward), batch_size=None,
+                            num_workers=self.workers, collate_fn=_keep_item,
+                            prefetch_factor=max(4, self.batch_size // self.workers))
+        items: list[DecodedImage] = []
+        for item in loader:
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield items
+                items = []
+        if items:
+            yield items
+
+    def _gem_of(self, items: list[DecodedImage]) -> Tensor:
+        """(B, C) GeM vectors of readable items: computed by the workers, or here."""
+        output = torch.empty(len(items), self.model.feature_dim)
+        pending = [i for i, item in enumerate(items) if item.gem is None]
+        for i, item in enumerate(items):
+            if item.gem is not None:
+                output[i] = item.gem
+        if pending:  # decoded only (PyTorch pipeline, or ONNX Runtime failed in a worker)
+            output[pending] = self.gem([items[i].tensor for i in pending])  # type: ignore[misc]
+        return output

@@ -261,7 +261,8 @@ class OnnxTrunk:
     """Runs `trunk.forward_features` through ONNX Runtime, one session per padding class."""
 
     def __init__(self, trunk: torch.nn.Module, name: str = "efficientnet_lite0", *,
-                 threads: int | None = None, cache: Path | None = None) -> None:
+                 threads: int | None = None, cache: Path | None = None,
+                 max_sessions: int | None = None, fingerprint: str | None = None) -> None:
         self.ort = _import_ort()
         try:
             import onnx  # noqa: F401  (the graph writer needs it)
@@ -270,7 +271,10 @@ class OnnxTrunk:
         if not supports(trunk):
             raise OnnxUnavailable(f"no ONNX graph writer for {type(trunk).__name__}")
         self.trunk = trunk.eval()
-        self.fingerprint = weights_fingerprint(trunk, name)
+        self.name = name
+        self.max_sessions = max(1, max_sessions or MAX_SESSIONS)
+        # a worker process is handed the parent's (hashing the weights again costs ~50 ms)
+        self.fingerprint = fingerprint or weights_fingerprint(trunk, name)
         self.threads = threads or available_cpus()
         self.cache = cache or cache_dir()
         self.sessions: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], Any] = OrderedDict()
@@ -325,7 +329,7 @@ class OnnxTrunk:
         if key in self.sessions:
             self.sessions.move_to_end(key)
             return self.sessions[key]
-        while len(self.sessions) >= MAX_SESSIONS:
+        while len(self.sessions) >= self.max_sessions:
             self.sessions.popitem(last=False)
         path = self.model_path(key)
         if not path.is_file():

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from conftest import photo
 
-from mgdedup.embed import Embedder
+from mgdedup.embed import (
+    DecodedImage,
+    Embedder,
+    WorkerForward,
+)
+from mgdedup.onnx_runtime import OnnxTrunk
 from mgdedup.registry import DEFAULT_MODEL, load_model
 from mgdedup.transforms import load_for_embedding
 
@@ -33,11 +40,13 @@ def files(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("backend,workers", [("auto", 0), ("torch", 0), ("auto", 1)])
+@pytest.mark.parametrize("backend,workers", [("auto", 0), ("torch", 0), ("torch", 1), ("auto", 1),
+                                             ("auto", 2)])
 def test_batches_equal_single_images_in_order(model, files, backend, workers, tmp_path,
                                               monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     embedder = Embedder(model, 256, batch_size=4, workers=workers, backend=backend)
+    assert embedder.forward_in_workers == (backend == "auto" and workers > 0)
     positions, errors, rows = [], [], []
     for batch in embedder.embed_files(files, digest=False, keep_gem=True):
         positions += batch.positions
@@ -51,3 +60,42 @@ def test_batches_equal_single_images_in_order(model, files, backend, workers, tm
     assert torch.allclose(got, alone, rtol=1e-4, atol=1e-6)
     shapes = {tuple(load_for_embedding(files[i], 256)[0].shape) for i in positions}
     assert (3, 192, 256) in shapes and len(shapes) >= 4  # really mixed shapes
+
+
+def test_worker_forward_gives_the_main_process_vector(model, files, tmp_path, monkeypatch):
+    """What a worker computes (its own single-threaded session + GeM) is what the main process
+    computes; a copy sent to a spawned worker leaves the sessions behind."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    embedder = Embedder(model, 256, workers=0)
+    assert embedder.onnx is not None
+    forward = WorkerForward(embedder.onnx, embedder.p, model.pool.eps, threads=1, max_sessions=2)
+    tensor, size = load_for_embedding(files[0], 256)
+    item = forward(DecodedImage(0, tensor.clone(), size, "d"))
+    assert item.tensor is None and item.readable
+    expected = embedder.gem([tensor])[0]
+    assert torch.allclose(item.gem, expected, rtol=1e-5, atol=1e-7)
+    assert forward._onnx is not None and forward._onnx.threads == 1
+    copy = pickle.loads(pickle.dumps(forward))
+    assert copy._onnx is None and copy.fingerprint == embedder.onnx.fingerprint
+    unreadable = forward(DecodedImage(1, None, (0, 0), "", "broken"))
+    assert unreadable.gem is None and not unreadable.readable
+
+
+def test_onnx_failure_in_workers_falls_back_to_pytorch(model, files, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    reference = Embedder(model, 256, batch_size=3, workers=0, backend="torch")
+    expected = torch.cat([b.gem for b in reference.embed_files(files, digest=False,
+                                                               keep_gem=True)])
+
+    def broken(self, images):
+        raise RuntimeError("simulated ONNX Runtime failure")
+
+    monkeypatch.setattr(OnnxTrunk, "forward_features", broken)  # in the workers too (fork)
+    embedder = Embedder(model, 256, batch_size=3, workers=2)
+    assert embedder.forward_in_workers
+    batches = list(embedder.embed_files(files, digest=False, keep_gem=True))
+    got = torch.cat([b.gem for b in batches])
+    assert [p for b in batches for p, _ in b.errors] == [3]
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert embedder.backend == "torch"  # the main process gave ONNX Runtime up as well
+
