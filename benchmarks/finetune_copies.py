@@ -15,9 +15,12 @@ Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 300] [--held
      (mgdedup.augment.augmented_copy) and one of each planted edit (mgdedup.synthetic.EDITS);
      a copy queries the originals; mAP with one positive per query (= mean 1/rank);
    - classifier: top-1 agreement of the fine-tuned model with the initial one on the held-out
-     originals (ImageNet classes).
-Descriptors are l2n(g) at p = 3 for both models (no whitening: the initial model's whitening
-does not fit the fine-tuned weights), at --eval-resolution with the test protocol.
+     originals (ImageNet classes), and with --agreement-photos on real photos that training
+     never saw (the held-out quarter when --photos also trains on them).
+Descriptors at --eval-resolution with the test protocol, p = 3, two ways for both models:
+l2n(g), and whitened as `index` stores them, each model with a whitening fitted on the
+training images (what `mgdedup train --images` does at its end; the initial model's shipped
+whitening was fitted on other photos, so both get one fitted on the same images).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from PIL import Image
 
 from mgdedup.augment import augmented_copy
 from mgdedup.checkpoint import load_model_file
+from mgdedup.fit_whitening import whiten_model
 from mgdedup.imageio import ImageReadError, open_rgb
 from mgdedup.model import MultiGrainModel
 from mgdedup.registry import load_model
@@ -61,18 +65,19 @@ def photos_split(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def embed(model: MultiGrainModel, images: list[Image.Image], resolution: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(l2n(g) at p=3, top-1 class) for PIL images at the test protocol."""
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(l2n(g) at p=3, whitened descriptor, top-1 class) for PIL images at the test protocol."""
     model.eval()
-    gs, top1 = [], []
+    gs, whitened, top1 = [], [], []
     with torch.no_grad():
         for start in range(0, len(images), 16):
             batch = torch.stack([to_tensor(resize_for_resolution(im, resolution))
                                  for im in images[start:start + 16]])
             g = model.gem(batch, P)
             gs.append(F.normalize(g, dim=1))
+            whitened.append(torch.from_numpy(model.describe(g, resolution).descriptors))
             top1.append(model.logits(g).argmax(dim=1))
-    return torch.cat(gs), torch.cat(top1)
+    return torch.cat(gs), torch.cat(whitened), torch.cat(top1)
 
 
 def retrieval_map(queries: torch.Tensor, query_owner: np.ndarray, database: torch.Tensor
@@ -86,12 +91,21 @@ def retrieval_map(queries: torch.Tensor, query_owner: np.ndarray, database: torc
 
 def evaluate(model: MultiGrainModel, originals: list[Image.Image], aug: list[Image.Image],
              aug_owner: np.ndarray, edits: list[Image.Image], edit_owner: np.ndarray,
-             resolution: int) -> dict:
-    database, top1 = embed(model, originals, resolution)
-    aug_q, _ = embed(model, aug, resolution)
-    edit_q, _ = embed(model, edits, resolution)
+             others: list[Image.Image], resolution: int) -> dict:
+    database, white_db, top1 = embed(model, originals, resolution)
+    aug_q, white_aug, _ = embed(model, aug, resolution)
+    edit_q, white_edit, _ = embed(model, edits, resolution)
+    others_top1 = embed(model, others, resolution)[2] if others else torch.zeros(0)
     return {"map_aug": retrieval_map(aug_q, aug_owner, database),
-            "map_edits": retrieval_map(edit_q, edit_owner, database), "top1": top1}
+            "map_edits": retrieval_map(edit_q, edit_owner, database),
+            "map_aug_white": retrieval_map(white_aug, aug_owner, white_db),
+            "map_edits_white": retrieval_map(white_edit, edit_owner, white_db),
+            "top1": top1, "others_top1": others_top1}
+
+
+def whitened_on(model: MultiGrainModel, folder: Path, resolution: int) -> MultiGrainModel:
+    """`model` with a whitening fitted on the images of `folder` at `resolution`."""
+    return whiten_model(model, [folder], resolution, calibration_images=0, workers=0)[0]
 
 
 def main() -> None:
@@ -104,9 +118,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--lam", type=float, default=0.5)
+    parser.add_argument("--beta0", type=float, default=None, help="initial margin beta")
+    parser.add_argument("--train-blocks", type=int, default=None,
+                        help="train only the trunk's last K blocks (default: all)")
     parser.add_argument("--resolution", type=int, default=160, help="training crop")
     parser.add_argument("--eval-resolution", type=int, default=224)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--agreement-photos", type=Path, default=None,
+                        help="real photos for top-1 agreement (held-out quarter if --photos)")
+    parser.add_argument("--agreement-count", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -141,36 +161,54 @@ def main() -> None:
             edits.append(edit(image, edit_rng).convert("RGB"))
             edit_owner.append(i)
     aug_owner_a, edit_owner_a = np.array(aug_owner), np.array(edit_owner)
+    others: list[Image.Image] = []
+    if args.agreement_photos is not None:
+        for path in photos_split(args.agreement_photos)[1][:args.agreement_count]:
+            try:
+                others.append(open_rgb(path, (448, 448))[0])
+            except ImageReadError:
+                continue
 
-    initial = load_model("default")
-    before = evaluate(initial, originals, aug, aug_owner_a, edits, edit_owner_a,
+    initial = whitened_on(load_model("default"), train_dir, args.eval_resolution)
+    before = evaluate(initial, originals, aug, aug_owner_a, edits, edit_owner_a, others,
                       args.eval_resolution)
 
     train_count = len(list(train_dir.iterdir()))
     config = TrainConfig(images=str(train_dir), init="default", out=str(work / "tuned.pt"),
                          run_dir=str(work / "run"), epochs=1, iters_per_epoch=args.iterations,
                          batch_size=args.batch_size, lr=args.lr, lam=args.lam, milestones=[],
+                         train_blocks=args.train_blocks, beta0=args.beta0,
+                         whiten=False,  # the same refit as training's, at --eval-resolution only
                          resolution=args.resolution, workers=args.workers, log_every=5, save_every=5,
                          device="cpu")
     started = time.perf_counter()
     out = run_training(config)
     seconds = time.perf_counter() - started
-    tuned = load_model_file(out)
-    after = evaluate(tuned, originals, aug, aug_owner_a, edits, edit_owner_a,
+    tuned = whitened_on(load_model_file(out), train_dir, args.eval_resolution)
+    after = evaluate(tuned, originals, aug, aug_owner_a, edits, edit_owner_a, others,
                      args.eval_resolution)
     agreement = float((before["top1"] == after["top1"]).double().mean())
+    others_agreement = (float((before["others_top1"] == after["others_top1"]).double().mean())
+                        if others else None)
     lines = (work / "run" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line) for line in lines if json.loads(line)["event"] == "train"]
     result = {
         "train_images": train_count, "heldout_originals": len(originals),
         "aug_queries": len(aug), "edit_queries": len(edits), "iterations": args.iterations,
         "batch_size": args.batch_size, "lr": config.base_lr, "lam": args.lam,
+        "train_blocks": args.train_blocks, "beta0": args.beta0,
         "train_resolution": args.resolution, "eval_resolution": args.eval_resolution,
         "train_seconds": round(seconds, 1),
         "map_aug_before": round(before["map_aug"], 4), "map_aug_after": round(after["map_aug"], 4),
         "map_edits_before": round(before["map_edits"], 4),
         "map_edits_after": round(after["map_edits"], 4),
+        "map_aug_white_before": round(before["map_aug_white"], 4),
+        "map_aug_white_after": round(after["map_aug_white"], 4),
+        "map_edits_white_before": round(before["map_edits_white"], 4),
+        "map_edits_white_after": round(after["map_edits_white"], 4),
         "top1_agreement": round(agreement, 4),
+        "agreement_photos": len(others),
+        "top1_agreement_photos": None if others_agreement is None else round(others_agreement, 4),
         "margin_first": round(steps[0]["margin"], 4), "margin_last": round(steps[-1]["margin"], 4),
         "kl_first": round(steps[0]["distillation"], 4), "kl_last": round(steps[-1]["distillation"], 4),
     }
@@ -179,7 +217,14 @@ def main() -> None:
           f"{result['map_aug_after']} |")
     print(f"| mAP, planted edits -> originals | {result['map_edits_before']} | "
           f"{result['map_edits_after']} |")
-    print(f"| top-1 agreement with the initial model | 1.0 | {result['top1_agreement']} |")
+    print(f"| mAP whitened, aug. copies | {result['map_aug_white_before']} | "
+          f"{result['map_aug_white_after']} |")
+    print(f"| mAP whitened, planted edits | {result['map_edits_white_before']} | "
+          f"{result['map_edits_white_after']} |")
+    print(f"| top-1 agreement, held-out originals | 1.0 | {result['top1_agreement']} |")
+    if others:
+        print(f"| top-1 agreement, {len(others)} real photos | 1.0 | "
+              f"{result['top1_agreement_photos']} |")
     print(json.dumps(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))

@@ -63,8 +63,20 @@ def train(
     freeze_bn: Annotated[bool | None, typer.Option(
         "--freeze-bn/--train-bn", help="Keep BatchNorm statistics fixed (default: frozen with "
                                        "--init, trained from scratch).")] = None,
+    train_blocks: Annotated[int | None, typer.Option(
+        "--train-blocks", min=1, help="Train only the trunk's last K blocks and the classifier "
+                                      "(faster on CPU, less drift; default: every layer).")
+    ] = None,
+    whiten: Annotated[bool | None, typer.Option(
+        "--whiten/--no-whiten", help="With --images: refit the initial model's whitenings on "
+                                     "the images at the end (default), so the model is ready "
+                                     "for index/dedup.")] = None,
     lr: Annotated[float | None, typer.Option(
         "--lr", help="Base learning rate. Default 0.2 x B/512 (1e-4 with --init).")
+    ] = None,
+    beta0: Annotated[float | None, typer.Option(
+        "--beta0", help="Initial margin beta (paper 1.2; with --images: halfway between the "
+                        "initial model's copy and other-image distances on the first batch).")
     ] = None,
     beta_lr_factor: Annotated[float | None, typer.Option(
         "--beta-lr-factor", help="Margin beta's lr = factor x lr (paper 0.1).")] = None,
@@ -117,7 +129,9 @@ def train(
     given = {
         "imagenet": imagenet, "images": images, "init": init, "out": out, "run_dir": run_dir,
         "resume": resume, "epochs": epochs, "batch_size": batch_size, "repeats": repeats,
-        "lam": lam, "p": p, "learn_p": learn_p, "freeze_bn": freeze_bn, "lr": lr, "beta_lr_factor": beta_lr_factor,
+        "lam": lam, "p": p, "learn_p": learn_p, "freeze_bn": freeze_bn,
+        "train_blocks": train_blocks, "whiten": whiten, "lr": lr, "beta0": beta0,
+        "beta_lr_factor": beta_lr_factor,
         "momentum": momentum, "weight_decay": weight_decay, "milestones": _milestones(milestones),
         "iters_per_epoch": iters_per_epoch, "augment": augment, "workers": workers,
         "device": device, "amp": amp, "seed": seed, "resolution": resolution,
@@ -178,6 +192,9 @@ class _Reporter:
                 self.task, completed=record["epoch_iteration"],
                 description=f"epoch {record['epoch'] + 1}/{self.epochs} " + " ".join(terms)
                 + f" lr {record['lr']:.3g} {record['img_per_s']:.0f} img/s")
+        elif event == "whiten":
+            err.print(f"fitting the whitening at s*={record['resolution']} on the training "
+                      "images", highlight=False, soft_wrap=True)
         elif event == "epoch":
             self.last_epoch = record  # one line per epoch, also in SLURM logs (not a TTY)
             err.print(self.epoch_line(record), highlight=False, soft_wrap=True)

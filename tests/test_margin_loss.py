@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from mgdedup.training.margin_loss import (
     MarginLoss,
+    balanced_beta,
     distance_weighted_negatives,
     margin_terms,
     sample_negatives,
@@ -250,3 +251,28 @@ def test_beta_is_one_learned_scalar():
     params = dict(loss_fn.named_parameters())
     assert list(params) == ["beta"] and params["beta"].ndim == 0
     assert params["beta"].item() == pytest.approx(1.2)
+
+
+def test_balanced_beta_is_halfway_between_the_mean_distances():
+    """Reference: a double loop over the pairs of a random RA batch in numpy."""
+    rng = np.random.default_rng(4)
+    ids = np.repeat(np.arange(5), 3)
+    raw = rng.normal(size=(15, 8)).astype(np.float32)
+    e = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    positive, negative = [], []
+    for i in range(15):
+        for j in range(15):
+            if i == j:
+                continue
+            (positive if ids[i] == ids[j] else negative).append(np.linalg.norm(e[i] - e[j]))
+    beta, copy_distance, other_distance = balanced_beta(torch.from_numpy(3.0 * raw),
+                                                        torch.from_numpy(ids))
+    assert copy_distance == pytest.approx(np.mean(positive), rel=1e-5)
+    assert other_distance == pytest.approx(np.mean(negative), rel=1e-5)
+    assert beta == pytest.approx((np.mean(positive) + np.mean(negative)) / 2, rel=1e-5)
+
+
+def test_balanced_beta_needs_copies_and_other_images():
+    e = torch.randn(4, 8)
+    assert balanced_beta(e, torch.arange(4)) is None  # no copies
+    assert balanced_beta(e, torch.zeros(4, dtype=torch.long)) is None  # one image only

@@ -20,7 +20,7 @@ from mgdedup.errors import MgdedupError
 from mgdedup.training.checkpoints import load_checkpoint
 from mgdedup.training.config import TrainConfig
 from mgdedup.training.loop import Trainer
-from mgdedup.transforms import resize_for_resolution, to_tensor
+from mgdedup.transforms import load_for_embedding, resize_for_resolution, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,11 @@ def test_unlabelled_finetuning_keeps_the_classifier(tmp_path):
     out = trainer.fit()
     tuned = load_model_file(out)
     assert steps[0]["distillation"] < 1e-3  # identical networks at the first step
+    # beta starts between the initial model's copy and other-image distances, not at 1.2
+    start = events(tmp_path / "run", "beta0")[0]
+    assert start["copy_distance"] < start["beta"] < start["other_distance"]
+    assert start["beta"] == pytest.approx((start["copy_distance"] + start["other_distance"]) / 2)
+    assert start["beta"] < 1.1 and abs(steps[0]["beta"] - start["beta"]) < 1e-3
     assert all(s["classification"] == 0.0 for s in steps)
 
     from PIL import Image
@@ -175,6 +180,17 @@ def test_unlabelled_finetuning_keeps_the_classifier(tmp_path):
 
     assert copy_margin(tuned) > copy_margin(initial)
 
+    # the initial model's whitenings were refitted on the training images for the new weights
+    assert sorted(tuned.whitenings) == sorted(initial.whitenings) == [224, 500]
+    for resolution in (224, 500):
+        batch = [load_for_embedding(path, resolution)[0] for path in train_paths]
+        with torch.no_grad():
+            x = torch.cat([F.normalize(tuned.gem(t[None], tuned.p_for(resolution)), dim=1)
+                           for t in batch])
+        whitening = tuned.whitenings[resolution]
+        torch.testing.assert_close(whitening.mean, x.mean(dim=0), rtol=1e-4, atol=1e-5)
+        assert whitening.p == tuned.p_for(resolution)
+
 
 def test_fold_batchnorm_keeps_the_function():
     from mgdedup.training.loop import fold_batchnorm
@@ -193,3 +209,45 @@ def test_fold_batchnorm_keeps_the_function():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     bn = model.trunk.features[1]
     assert torch.all(bn.weight == 1) and torch.all(bn.running_mean == 0)
+
+
+def test_train_blocks_freezes_the_early_blocks(labelled, tmp_path):
+    """--train-blocks 1: stem-side blocks keep their exact weights, the last block and the
+    classifier learn, and the margin loss still falls."""
+    model = tiny_model(seed=1)
+    before = {name: value.clone() for name, value in model.trunk.state_dict().items()}
+    steps: list[dict] = []
+    trainer = Trainer(config_for(labelled, tmp_path / "run", train_blocks=1, epochs=2,
+                                 iters_per_epoch=10),
+                      progress=lambda r: steps.append(r) if r["event"] == "step" else None,
+                      model=model)
+    trainer.fit()
+    after = trainer.model.trunk.state_dict()
+    for name in ("features.0.weight", "features.1.weight", "features.3.weight",
+                 "features.4.bias"):
+        assert torch.equal(after[name], before[name]), name
+    for name in ("features.6.weight", "fc.weight"):
+        assert not torch.equal(after[name], before[name]), name
+    trainable = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(trainer.model.trunk.features[0].weight) not in trainable
+    first = np.mean([s["margin"] for s in steps[:5]])
+    assert np.mean([s["margin"] for s in steps[-5:]]) < first
+
+
+def test_train_blocks_out_of_range_is_a_clear_error(labelled, tmp_path):
+    with pytest.raises(MgdedupError, match="has 3 blocks"):
+        Trainer(config_for(labelled, tmp_path / "run", train_blocks=4), model=tiny_model())
+
+
+@pytest.mark.parametrize("name,count", [("efficientnet_lite0", 18), ("resnet50", 17)])
+def test_trunk_blocks_cover_the_feature_extractor(name, count):
+    """Every trunk parameter is in exactly one block or in the classifier, so freezing
+    blocks can leave nothing of the feature extractor trainable by accident."""
+    from mgdedup.trunks import build_trunk
+
+    trunk = build_trunk(name)
+    blocks = trunk.blocks()
+    assert len(blocks) == count
+    owned = [id(p) for block in blocks for p in block.parameters()]
+    owned += [id(p) for p in trunk.classifier.parameters()]
+    assert sorted(owned) == sorted(id(p) for p in trunk.parameters())

@@ -44,6 +44,9 @@ class TinyTrunk(Trunk):
     def classifier(self) -> nn.Linear:
         return self.fc
 
+    def blocks(self) -> list[nn.Module]:
+        return [self.features[0:3], self.features[3:6], self.features[6:9]]
+
 
 def tiny_model(seed: int = 0, num_classes: int = 10) -> MultiGrainModel:
     torch.manual_seed(seed)

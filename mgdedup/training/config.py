@@ -30,7 +30,7 @@ AUGMENTS = ("full", "autoaugment")
 #: fields that may differ when a run is resumed (they do not change the optimisation)
 RUNTIME_FIELDS = frozenset({
     "workers", "device", "out", "run_dir", "resume", "stop_after", "save_every", "log_every",
-    "epochs",
+    "epochs", "whiten",
 })
 
 
@@ -50,8 +50,11 @@ class TrainConfig:
     p: float = 3.0
     learn_p: bool = False
     repeats: int = 3
+    beta0: float | None = None  # initial margin beta; None: 1.2 (paper), estimated with --images
     temperature: float = 1.0  # distillation temperature (unlabelled fine-tuning)
     freeze_bn: bool | None = None  # None: frozen BatchNorm statistics when starting from --init
+    train_blocks: int | None = None  # None: every layer learns; K: only the trunk's last K blocks
+    whiten: bool = True  # --images: refit the initial model's whitenings on the images at the end
     # schedule
     epochs: int | None = None
     batch_size: int = 512  # global, over all processes

@@ -51,7 +51,8 @@ from mgdedup.training.data import (
     seed_worker,
     unlabelled_files,
 )
-from mgdedup.training.margin_loss import MarginLoss
+from mgdedup.training.freezing import freeze_early_blocks
+from mgdedup.training.margin_loss import BETA0, MarginLoss, balanced_beta
 from mgdedup.training.objective import joint_loss
 from mgdedup.training.sampler import RepeatedAugmentationSampler
 
@@ -311,7 +312,11 @@ class Trainer:
             initial, self.teacher_fp = (self.model, "") if resumed is None \
                 else self._initial_model()
             self.teacher = Teacher(initial).to(self.device)
-        self.margin = MarginLoss()
+        if config.train_blocks is not None:
+            frozen = freeze_early_blocks(self.model.trunk, config.train_blocks)
+            log.info("training the last %d trunk blocks: %d parameters frozen",
+                     config.train_blocks, frozen)
+        self.margin = MarginLoss(beta0=config.beta0 if config.beta0 is not None else BETA0)
         self.net = TrainingNet(self.model, self.margin, config.frozen_bn).to(self.device)
         self.net.train()
         self.amp = config.amp if config.amp is not None else self.device.type == "cuda"
@@ -385,7 +390,10 @@ class Trainer:
                          len(classes), len(classes), outputs)
             model.info.class_names = class_names_for(classes)
         if config.init is not None:
-            if model.whitenings:
+            if model.whitenings and config.finetuning and config.whiten:
+                log.info("the whitenings of %s do not fit the new weights: refitted on the "
+                         "training images at the end", config.init)
+            elif model.whitenings:
                 log.warning("the whitenings of %s do not fit the new weights: dropped (run "
                             "`mgdedup whiten` on the trained model)", config.init)
             model.whitenings = {}
@@ -509,6 +517,32 @@ class Trainer:
                           pin_memory=self.device.type == "cuda",
                           persistent_workers=False)
 
+    @torch.no_grad()
+    def _estimate_beta0(self) -> None:
+        """Fine-tuning: start beta between the initial model's mean copy distance and mean
+        other-image distance on the first RA batch (see `balanced_beta`), averaged over ranks.
+        The batch is the first training batch itself (same seeds), so a run stays a function
+        of its config; BatchNorm in eval mode, so no statistic moves."""
+        self.sampler.set_epoch(self.epoch, self.epoch_iteration)
+        images, _, ids = next(iter(self._loader()))
+        self.net.eval()
+        with self._autocast():
+            g, _ = self.net.embed(images.to(self.device))
+        self.net.train()
+        found = balanced_beta(g, ids.to(self.device))
+        if found is None:
+            return
+        values = torch.tensor(found, dtype=torch.float64, device=self.device)
+        if self.world.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.world.world_size
+        beta, positive, negative = values.tolist()
+        self.margin.beta.fill_(beta)
+        self._emit({"event": "beta0", "iteration": 0, "epoch": 0, "beta": beta,
+                    "copy_distance": positive, "other_distance": negative})
+        log.info("margin beta starts at %.3f (copies %.3f apart, other images %.3f)",
+                 beta, positive, negative)
+
     def _autocast(self) -> object:
         if not self.amp:
             return nullcontext()
@@ -554,6 +588,9 @@ class Trainer:
                     "epoch": self.epoch, "images": len(self.dataset),
                     "world_size": self.world.world_size, "iters_per_epoch": iters,
                     "epochs": epochs, "config": config.to_dict()})
+        if self.iteration == 0 and config.resume is None and config.finetuning \
+                and config.beta0 is None and config.lam < 1.0:
+            self._estimate_beta0()
         rank_batch = self.sampler.rank_batch_size
         while self.epoch < epochs:
             self.net.train()
@@ -616,10 +653,29 @@ class Trainer:
         if self.world.main:
             self.model.info.training_p = float(self.model.pool.p.detach())
             self.model.eval()
+            if self.config.finetuning and self.config.whiten:
+                self._refit_whitenings()
             save_model(self.model, self.out)
             self._emit({"event": "done", "iteration": self.iteration, "epoch": self.epoch,
                         "out": str(self.out)})
         return self.out
+
+    def _refit_whitenings(self) -> None:
+        """Fine-tuning changed the descriptors, so the initial model's whitenings no longer fit:
+        fit new ones at the same resolutions on the training images (unlabelled photos of the
+        collection itself, as the paper fits on unlabelled images), with a calibrated default
+        threshold each, so the model file works in `index` / `dedup` as it is."""
+        from mgdedup.fit_whitening import whiten_model
+
+        resolutions = sorted(load_init_model(str(self.config.init)).whitenings)
+        root = Path(str(self.config.images)).expanduser()
+        for resolution in resolutions:
+            self._emit({"event": "whiten", "resolution": resolution, "iteration": self.iteration,
+                        "epoch": self.epoch})
+            self.model, report = whiten_model(self.model, [root], resolution,
+                                              workers=self.config.workers)
+            log.info("whitening at s*=%d fitted on %d images (%d dims)", resolution,
+                     report.images, report.dim)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

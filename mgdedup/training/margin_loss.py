@@ -138,10 +138,36 @@ def margin_terms(distances_ap: Tensor, distances_an: Tensor, beta: Tensor,
     return F.relu(alpha + distances_ap - beta), F.relu(alpha - (distances_an - beta))
 
 
+#: the paper's initial beta (training from scratch)
+BETA0 = 1.2
+
+
+def balanced_beta(embeddings: Tensor, instance_ids: Tensor) -> tuple[float, float, float] | None:
+    """(beta, mean copy distance, mean other-image distance) of a batch: beta halfway between.
+
+    Why: beta0 = 1.2 suits a network trained from scratch, whose embeddings start spread out.
+    A pretrained trunk's l2n(GeM) vectors are all non-negative and close together (default
+    model, full-augmentation RA batches: copies 0.66 apart on average, other images 0.96,
+    BENCHMARKS.md), so with beta 1.2 and alpha 0.2 no copy pair is ever active (D > 1.0) and
+    every other-image pair is (D < 1.4): the loss only spreads images apart and teaches no
+    invariance. Starting beta between the two means makes the hard pairs of both kinds active.
+    None when the batch has no copies or no other images.
+    """
+    e = F.normalize(embeddings.detach().float(), dim=1)
+    distances = pairwise_distances(e)
+    same = instance_ids[:, None] == instance_ids[None, :]
+    off_diagonal = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+    positives, negatives = distances[same & off_diagonal], distances[~same]
+    if positives.numel() == 0 or negatives.numel() == 0:
+        return None
+    positive, negative = float(positives.mean()), float(negatives.mean())
+    return (positive + negative) / 2.0, positive, negative
+
+
 class MarginLoss(nn.Module):
     """Margin loss with one learned beta (give it its own learning rate, paper: 0.1 x base)."""
 
-    def __init__(self, alpha: float = 0.2, beta0: float = 1.2, cutoff: float = 0.5,
+    def __init__(self, alpha: float = 0.2, beta0: float = BETA0, cutoff: float = 0.5,
                  nonzero_loss_cutoff: float = 1.4) -> None:
         super().__init__()
         self.alpha = alpha

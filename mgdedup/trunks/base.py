@@ -31,3 +31,8 @@ class Trunk(nn.Module):
     def classifier(self) -> nn.Linear:
         """The network's own linear layer, feature_dim -> num_classes."""
         raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """The feature extractor as units in forward order (stem, residual blocks, head): what
+        fine-tuning can freeze from the input side (`mgdedup train --train-blocks`)."""
+        raise NotImplementedError

