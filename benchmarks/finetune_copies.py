@@ -3,6 +3,8 @@ distillation keep the classifier?
 
 Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 300] [--heldout 80]
        [--iterations 200] [--batch-size 24] [--resolution 160] [--eval-resolution 224]
+       [--lr L] [--beta0 B] [--train-blocks K] [--agreement-photos DIR] [--workdir W]
+       [--tuned W/tuned.pt (evaluate an earlier run again, no training)]
 
 1. Training images: generated scenes (mgdedup.synthetic.random_scene), plus, with --photos,
    3/4 of the real photos in DIR (split by a hash of the path; tuxpaint/ and lxqt/ are
@@ -13,7 +15,8 @@ Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 300] [--held
    1/4 of the photos), compare the initial and the fine-tuned model:
    - copy retrieval: each held-out original gets C "full"-augmentation copies
      (mgdedup.augment.augmented_copy) and one of each planted edit (mgdedup.synthetic.EDITS);
-     a copy queries the originals; mAP with one positive per query (= mean 1/rank);
+     a copy queries the originals; mAP with one positive per query (= mean 1/rank), and
+     the change on the same queries with a 95 % bootstrap interval over originals;
    - classifier: top-1 agreement of the fine-tuned model with the initial one on the held-out
      originals (ImageNet classes), and with --agreement-photos on real photos that training
      never saw (the held-out quarter when --photos also trains on them).
@@ -80,13 +83,35 @@ def embed(model: MultiGrainModel, images: list[Image.Image], resolution: int
     return torch.cat(gs), torch.cat(whitened), torch.cat(top1)
 
 
-def retrieval_map(queries: torch.Tensor, query_owner: np.ndarray, database: torch.Tensor
-                  ) -> float:
-    """Mean over queries of 1 / rank of the query's original among the originals."""
+def reciprocal_ranks(queries: torch.Tensor, query_owner: np.ndarray, database: torch.Tensor
+                     ) -> np.ndarray:
+    """Per query: 1 / rank of the query's original among the originals."""
     sims = queries @ database.T  # (Q, N)
     own = sims[torch.arange(len(queries)), torch.from_numpy(query_owner)]
     ranks = (sims > own[:, None]).sum(dim=1) + 1
-    return float((1.0 / ranks.double()).mean())
+    return (1.0 / ranks.double()).numpy()
+
+
+def retrieval_map(queries: torch.Tensor, query_owner: np.ndarray, database: torch.Tensor
+                  ) -> float:
+    """Mean over queries of 1 / rank of the query's original (one positive: mAP)."""
+    return float(reciprocal_ranks(queries, query_owner, database).mean())
+
+
+def paired_difference(after: np.ndarray, before: np.ndarray, owners: np.ndarray,
+                      resamples: int = 2000, seed: int = 0) -> dict:
+    """mAP after - before on the same queries, with a 95 % bootstrap interval that resamples
+    whole originals (the copies of one image are not independent queries)."""
+    rng = np.random.default_rng(seed)
+    groups = np.unique(owners)
+    per_group = np.array([(after[owners == g] - before[owners == g]).sum() for g in groups])
+    counts = np.array([(owners == g).sum() for g in groups])
+    draws = rng.integers(0, len(groups), (resamples, len(groups)))
+    means = per_group[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"diff": round(float((after - before).mean()), 4), "ci95": [round(float(low), 4),
+            round(float(high), 4)], "better": int((after > before).sum()),
+            "worse": int((after < before).sum())}
 
 
 def evaluate(model: MultiGrainModel, originals: list[Image.Image], aug: list[Image.Image],
@@ -96,10 +121,13 @@ def evaluate(model: MultiGrainModel, originals: list[Image.Image], aug: list[Ima
     aug_q, white_aug, _ = embed(model, aug, resolution)
     edit_q, white_edit, _ = embed(model, edits, resolution)
     others_top1 = embed(model, others, resolution)[2] if others else torch.zeros(0)
-    return {"map_aug": retrieval_map(aug_q, aug_owner, database),
+    rr_aug = reciprocal_ranks(aug_q, aug_owner, database)
+    rr_aug_white = reciprocal_ranks(white_aug, aug_owner, white_db)
+    return {"map_aug": float(rr_aug.mean()),
             "map_edits": retrieval_map(edit_q, edit_owner, database),
-            "map_aug_white": retrieval_map(white_aug, aug_owner, white_db),
+            "map_aug_white": float(rr_aug_white.mean()),
             "map_edits_white": retrieval_map(white_edit, edit_owner, white_db),
+            "rr_aug": rr_aug, "rr_aug_white": rr_aug_white,
             "top1": top1, "others_top1": others_top1}
 
 
@@ -124,6 +152,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=160, help="training crop")
     parser.add_argument("--eval-resolution", type=int, default=224)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--tuned", type=Path, default=None,
+                        help="evaluate this model of an earlier run (WORKDIR/tuned.pt), no training")
     parser.add_argument("--agreement-photos", type=Path, default=None,
                         help="real photos for top-1 agreement (held-out quarter if --photos)")
     parser.add_argument("--agreement-count", type=int, default=200)
@@ -182,7 +212,10 @@ def main() -> None:
                          resolution=args.resolution, workers=args.workers, log_every=5, save_every=5,
                          device="cpu")
     started = time.perf_counter()
-    out = run_training(config)
+    if args.tuned is None:
+        out = run_training(config)
+    else:  # evaluate a finished run again (same generated data: the seeds are fixed)
+        out, config.out, config.run_dir = args.tuned, str(args.tuned), str(args.tuned.parent / "run")
     seconds = time.perf_counter() - started
     tuned = whitened_on(load_model_file(out), train_dir, args.eval_resolution)
     after = evaluate(tuned, originals, aug, aug_owner_a, edits, edit_owner_a, others,
@@ -190,7 +223,7 @@ def main() -> None:
     agreement = float((before["top1"] == after["top1"]).double().mean())
     others_agreement = (float((before["others_top1"] == after["others_top1"]).double().mean())
                         if others else None)
-    lines = (work / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line) for line in lines if json.loads(line)["event"] == "train"]
     result = {
         "train_images": train_count, "heldout_originals": len(originals),
@@ -202,6 +235,9 @@ def main() -> None:
         "map_aug_before": round(before["map_aug"], 4), "map_aug_after": round(after["map_aug"], 4),
         "map_edits_before": round(before["map_edits"], 4),
         "map_edits_after": round(after["map_edits"], 4),
+        "aug_change": paired_difference(after["rr_aug"], before["rr_aug"], aug_owner_a),
+        "aug_white_change": paired_difference(after["rr_aug_white"], before["rr_aug_white"],
+                                              aug_owner_a),
         "map_aug_white_before": round(before["map_aug_white"], 4),
         "map_aug_white_after": round(after["map_aug_white"], 4),
         "map_edits_white_before": round(before["map_edits_white"], 4),
@@ -221,6 +257,11 @@ def main() -> None:
           f"{result['map_aug_white_after']} |")
     print(f"| mAP whitened, planted edits | {result['map_edits_white_before']} | "
           f"{result['map_edits_white_after']} |")
+    for key, name in (("aug_change", "l2n(g)"), ("aug_white_change", "whitened")):
+        change = result[key]
+        print(f"| change, aug. copies, {name}: mean [95 % CI], queries better / worse | | "
+              f"{change['diff']:+.4f} [{change['ci95'][0]:+.4f}, {change['ci95'][1]:+.4f}], "
+              f"{change['better']} / {change['worse']} |")
     print(f"| top-1 agreement, held-out originals | 1.0 | {result['top1_agreement']} |")
     if others:
         print(f"| top-1 agreement, {len(others)} real photos | 1.0 | "
