@@ -5,9 +5,9 @@ Two pipelines, both in DataLoader worker processes and both yielding batches in 
 - ONNX Runtime on CPU (the default there): each worker decodes an image AND runs the trunk
   and GeM on it with its own single-threaded session, and sends back the C-d GeM vector.
   The cores never wait for each other, and no decoded image crosses a process boundary
-  (a 500x375 float tensor is 2.2 MB). Measured on 2 cores, 12 MP JPEGs at s* = 500: 1.5x the
-  images/s of decoding in one worker while the main process runs a 2-thread session, which
-  spent 132 ms CPU per image against 113 ms here (see BENCHMARKS.md).
+  (a 500x375 float tensor is 2.2 MB). Measured on 2 cores, 12 MP JPEGs at s* = 500: 17.0
+  against 12.4 images/s when one worker decoded and the main process ran a 2-thread session
+  (109 against 117 ms CPU per image; BENCHMARKS.md).
 - PyTorch (CUDA, `--backend torch`, or no ONNX path): workers decode, the main process runs
   the forward pass, overlapping them. At s* > 224 images keep their aspect ratio, so a batch
   holds tensors of several shapes: those of one shape are stacked and run together (no
@@ -55,7 +55,9 @@ class DecodedImage:
     size: tuple[int, int]  # original (width, height) after EXIF orientation
     digest: str
     error: str | None = None
-    gem: Tensor | None = None  # (C,) when computed in the worker
+    # (C,) when computed in the worker: numpy, pickled by value (a torch tensor would travel
+    # as one shared-memory segment and file descriptor per image)
+    gem: np.ndarray | None = None
 
     @property
     def readable(self) -> bool:
@@ -77,8 +79,8 @@ class EmbeddedBatch:
 class WorkerForward:
     """Trunk + GeM run inside a DataLoader worker through the worker's own ONNX Runtime
     sessions, built on first use in that process (sessions and their thread pools must not
-    cross a fork). If ONNX Runtime fails there, the worker says so once and hands the decoded
-    tensor back, for the main process to run in PyTorch."""
+    cross a fork). If ONNX Runtime fails there, the worker says so once and from then on hands
+    the decoded tensors back, for the main process to embed."""
 
     def __init__(self, onnx: OnnxTrunk, p: float, eps: float, threads: int,
                  max_sessions: int) -> None:
@@ -104,10 +106,11 @@ class WorkerForward:
                 features = self._onnx.forward_features(item.tensor.unsqueeze(0))
                 vector = gem_pool(features, self.p, self.eps)[0]
         except Exception as error:  # noqa: BLE001 - ORT errors subclass Exception only
-            log.warning("ONNX Runtime failed in a decoding worker (%s): using PyTorch", error)
+            log.warning("ONNX Runtime failed in a worker process (%s): embedding in the main "
+                        "process instead", error)
             self._failed = True
             return item
-        item.gem, item.tensor = vector, None
+        item.gem, item.tensor = vector.numpy(), None
         return item
 
 
@@ -317,7 +320,7 @@ class Embedder:
         pending = [i for i, item in enumerate(items) if item.gem is None]
         for i, item in enumerate(items):
             if item.gem is not None:
-                output[i] = item.gem
+                output[i] = torch.from_numpy(item.gem)
         if pending:  # decoded only (PyTorch pipeline, or ONNX Runtime failed in a worker)
             output[pending] = self.gem([items[i].tensor for i in pending])  # type: ignore[misc]
         return output

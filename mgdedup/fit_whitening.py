@@ -36,7 +36,7 @@ class WhiteningReport:
 
 def whiten_model(model: MultiGrainModel, folders: list[Path], resolution: int,
                  dim: int | None = None, *, calibration_images: int = 100,
-                 workers: int | None = None,
+                 workers: int | None = None, device: str = "cpu",
                  on_start: Callable[[int], None] | None = None,
                  on_progress: Callable[[int], None] | None = None
                  ) -> tuple[MultiGrainModel, WhiteningReport]:
@@ -45,7 +45,7 @@ def whiten_model(model: MultiGrainModel, folders: list[Path], resolution: int,
     files, _ = scan_images(folders)
     if len(files) < 2:
         raise MgdedupError(f"whitening needs at least 2 readable images; found {len(files)}")
-    embedder = Embedder(model, resolution, workers=workers)
+    embedder = Embedder(model, resolution, device=device, workers=workers)
     if on_start is not None:
         on_start(len(files))
     vectors, readable, skipped = [], [], 0

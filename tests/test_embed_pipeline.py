@@ -73,7 +73,7 @@ def test_worker_forward_gives_the_main_process_vector(model, files, tmp_path, mo
     item = forward(DecodedImage(0, tensor.clone(), size, "d"))
     assert item.tensor is None and item.readable
     expected = embedder.gem([tensor])[0]
-    assert torch.allclose(item.gem, expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(torch.from_numpy(item.gem), expected, rtol=1e-5, atol=1e-7)
     assert forward._onnx is not None and forward._onnx.threads == 1
     copy = pickle.loads(pickle.dumps(forward))
     assert copy._onnx is None and copy.fingerprint == embedder.onnx.fingerprint

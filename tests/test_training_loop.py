@@ -251,3 +251,31 @@ def test_trunk_blocks_cover_the_feature_extractor(name, count):
     owned = [id(p) for block in blocks for p in block.parameters()]
     owned += [id(p) for p in trunk.classifier.parameters()]
     assert sorted(owned) == sorted(id(p) for p in trunk.parameters())
+
+
+@pytest.mark.parametrize("case", ["no-whiten", "whitening-fails"])
+def test_finetuned_model_is_saved_without_whitening_when_not_refitted(case, tmp_path, monkeypatch,
+                                                                       caplog):
+    """--no-whiten, or a refit that cannot be done, still writes the trained model (without
+    the initial model's whitenings, which do not fit it) and says why."""
+    import mgdedup.fit_whitening
+
+    def fails(*args, **kwargs):
+        raise MgdedupError("whitening needs at least 2 readable images; found 1")
+
+    if case == "whitening-fails":
+        monkeypatch.setattr(mgdedup.fit_whitening, "whiten_model", fails)
+    make_unlabelled(tmp_path / "photos", 6, seed=5)
+    config = TrainConfig(images=str(tmp_path / "photos"), init="default",
+                         run_dir=str(tmp_path / "run"), epochs=1, iters_per_epoch=2,
+                         batch_size=6, milestones=[], workers=0, resolution=64, device="cpu",
+                         whiten=case != "no-whiten")
+    with caplog.at_level("WARNING"):
+        out = Trainer(config).fit()
+    assert load_model_file(out).whitenings == {}
+    whiten_events = events(tmp_path / "run", "whiten")
+    if case == "no-whiten":
+        assert whiten_events == [] and "mgdedup whiten" in caplog.text
+    else:
+        assert [e["resolution"] for e in whiten_events] == [224, 500]
+        assert caplog.text.count("no whitening at s*=") == 2

@@ -672,8 +672,14 @@ class Trainer:
         for resolution in resolutions:
             self._emit({"event": "whiten", "resolution": resolution, "iteration": self.iteration,
                         "epoch": self.epoch})
-            self.model, report = whiten_model(self.model, [root], resolution,
-                                              workers=self.config.workers)
+            try:
+                self.model, report = whiten_model(self.model, [root], resolution,
+                                                  workers=self.config.workers,
+                                                  device=str(self.device))
+            except MgdedupError as error:  # the trained weights are saved all the same
+                log.warning("no whitening at s*=%d (%s): fit one with `mgdedup whiten`",
+                            resolution, error)
+                continue
             log.info("whitening at s*=%d fitted on %d images (%d dims)", resolution,
                      report.images, report.dim)
 
