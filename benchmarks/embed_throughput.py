@@ -1,11 +1,13 @@
 """Embedding throughput on 12 MP JPEGs: `index` end to end vs a naive loop vs the forward ceiling.
 
 Usage: python benchmarks/embed_throughput.py [--images 48] [--source FOLDER]
-           [--resolutions 224,500] [--workers 1] [--backend auto] [--repeats 1]
+           [--resolutions 224,500] [--workers auto,1] [--backend auto] [--repeats 1]
 
 In one run, for each s*:
   index     `mgdedup.indexer.update_index` into a fresh temporary index (scan, decode with JPEG
-            draft scaling in DataLoader workers, forward, HDF5 write, FAISS build): the CLI path.
+            draft scaling and, with ONNX Runtime, the forward pass in DataLoader workers, HDF5
+            write, FAISS build): the CLI path. --workers auto is what `index` picks; 1 with
+            ONNX Runtime is one worker doing both.
   naive     full decode (`PIL.Image.open(...).convert("RGB")`), resize to the same geometry,
             one image at a time through the same model in PyTorch.
   ceiling   forward only (trunk + GeM) on random tensors of the s* shape (224x224, 500x375),
