@@ -5,9 +5,9 @@ Two pipelines, both in DataLoader worker processes and both yielding batches in 
 - ONNX Runtime on CPU (the default there): each worker decodes an image AND runs the trunk
   and GeM on it with its own single-threaded session, and sends back the C-d GeM vector.
   The cores never wait for each other, and no decoded image crosses a process boundary
-  (a 500x375 float tensor is 2.2 MB). Measured on 2 cores, 12 MP JPEGs at s* = 500: 17.0
-  against 12.4 images/s when one worker decoded and the main process ran a 2-thread session
-  (109 against 117 ms CPU per image; BENCHMARKS.md).
+  (a 500x375 float tensor is 2.2 MB). Measured on 2 cores, 12 MP JPEGs at s* = 500: 19.5
+  against 14.3 images/s when one worker decoded and the main process ran a 2-thread session
+  (100 against 127 ms CPU per image, back to back; BENCHMARKS.md).
 - PyTorch (CUDA, `--backend torch`, or no ONNX path): workers decode, the main process runs
   the forward pass, overlapping them. At s* > 224 images keep their aspect ratio, so a batch
   holds tensors of several shapes: those of one shape are stacked and run together (no
