@@ -99,8 +99,16 @@ def _thumbnails(paths: Iterable[str], thumb_px: int, workers: int) -> dict[str, 
         return dict(zip(unique, pool.map(lambda p: make_thumbnail(p, thumb_px), unique)))
 
 
+#: the tooltip of a duplicate's score, by the kind of score the report shows
+SCORE_TITLES = {
+    "cosine": "cosine similarity to the keeper",
+    "sscd-normalised": "similarity to the keeper minus the two images' mean similarity to "
+                       "their other neighbours (SSCD-style normalised score)",
+}
+
+
 def _figure(facts: FileFacts, thumb: Thumbnail, role: str, score: float | None,
-            thumb_px: int) -> str:
+            thumb_px: int, score_kind: str = "cosine") -> str:
     path = escape(facts.path, quote=True)
     name = escape(os.path.basename(facts.path) or facts.path, quote=True)
     if thumb.uri is not None:
@@ -115,8 +123,8 @@ def _figure(facts: FileFacts, thumb: Thumbnail, role: str, score: float | None,
         similarity = ""
     else:
         badge = '<span class="badge dup">duplicate</span>'
-        similarity = (f'<span class="score" title="cosine similarity to the keeper">'
-                      f'{score:.3f}</span>')
+        title = escape(SCORE_TITLES[score_kind], quote=True)
+        similarity = f'<span class="score" title="{title}">{score:.3f}</span>'
     score_attr = f' data-score="{score:.6f}"' if score is not None else ""
     return (
         f'<figure class="image" data-role="{role}" data-path="{path}" '
@@ -192,6 +200,7 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     facts = result.facts
+    score_kind = "sscd-normalised" if result.score_norm is not None else "cosine"
     rows = [row for group in result.groups
             for row in (group.keeper, *(member for member, _ in group.members))]
     thumbs = _thumbnails((facts[row].path for row in rows), thumb_px, workers)
@@ -211,7 +220,7 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
         "threshold": f"{result.threshold:g}",
         "threshold-source": result.threshold_source,
         "target-precision": "" if target is None else f"{target:g}",
-        "score": "sscd-normalised" if result.score_norm is not None else "cosine",
+        "score": score_kind,
     }
     data = " ".join(f'data-{key}="{escape(str(value), quote=True)}"'
                     for key, value in exact.items())
@@ -242,7 +251,8 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
         parts.append(_figure(keeper, thumbs[keeper.path], "keeper", None, thumb_px))
         for row, score in group.members:
             member = facts[row]
-            parts.append(_figure(member, thumbs[member.path], "member", score, thumb_px))
+            parts.append(_figure(member, thumbs[member.path], "member", score, thumb_px,
+                                 score_kind))
         parts.append("</div></section>\n")
     parts.append("</main>\n</body>\n</html>\n")
     return "".join(parts)

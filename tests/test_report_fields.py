@@ -30,6 +30,7 @@ class Facts(HTMLParser):
         self.summary: dict[str, str] = {}
         self.groups: dict[int, dict[str, str]] = {}
         self.files: list[tuple] = []
+        self.score_titles: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -38,6 +39,8 @@ class Facts(HTMLParser):
             self.summary = {k[5:]: v for k, v in attrs.items() if k.startswith("data-")}
         elif tag == "section" and "group" in classes:
             self.groups[int(attrs["data-group"])] = attrs
+        elif tag == "span" and "score" in classes:
+            self.score_titles.append(attrs["title"])
         elif tag == "figure" and "image" in classes:
             score = attrs.get("data-score")
             self.files.append((max(self.groups), attrs["data-role"], attrs["data-path"],
@@ -110,6 +113,11 @@ def assert_same_facts(result: DedupResult, html: str, json_text: str, csv_text: 
     assert summary["target_precision"] == target
     scale = "sscd-normalised" if result.score_norm is not None else "cosine"
     assert parsed.summary["score"] == document["score"] == scale
+    # each duplicate's tooltip names the score it shows
+    assert len(parsed.score_titles) == result.duplicate_count
+    normalised = result.score_norm is not None
+    assert all(("normalised" in title) == normalised and ("cosine" in title) != normalised
+               for title in parsed.score_titles)
     for row in rows:
         assert int(row["images_indexed"]) == len(result.facts)
         assert float(row["threshold"]) == pytest.approx(result.threshold)
