@@ -49,7 +49,7 @@ def train(
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="Continue the run of this last.ckpt exactly where it stopped.")] = None,
     epochs: Annotated[int | None, typer.Option(
-        "--epochs", help="Default 120 (paper); 10 when fine-tuning with --images.")] = None,
+        "--epochs", help="Default 120 (paper); 2 when fine-tuning with --images.")] = None,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", "-b", help="Global batch over all processes (paper 512).")] = None,
     repeats: Annotated[int | None, typer.Option(
@@ -85,7 +85,7 @@ def train(
     weight_decay: Annotated[float | None, typer.Option(
         "--weight-decay", help="SGD weight decay (1e-4).")] = None,
     milestones: Annotated[str | None, typer.Option(
-        "--milestones", help="Epochs where lr x 0.1, comma-separated (30,60,90; 7 when "
+        "--milestones", help="Epochs where lr x 0.1, comma-separated (30,60,90; none when "
                              "fine-tuning).")] = None,
     iters_per_epoch: Annotated[int | None, typer.Option(
         "--iters-per-epoch", help="Iterations per epoch. Default ceil(2 N / B) (5005 for "
@@ -115,7 +115,7 @@ def train(
     Examples:
       mgdedup train --imagenet /data --out weights/mg-r50.pt
       torchrun --nproc-per-node 8 -m mgdedup train --imagenet /data --out weights/mg-r50.pt
-      mgdedup train --images ~/photos --init default --out tuned.pt --batch-size 48
+      mgdedup train --images ~/photos --init default --out tuned.pt --batch-size 24
       mgdedup train --imagenet /data --resume weights/mg-r50.run/last.ckpt
     """
     from mgdedup.training.config import TrainConfig

@@ -17,7 +17,7 @@ OUT=${2:-tuned.pt}
 RUN_DIR=${RUN_DIR:-${OUT%.pt}.run}
 BATCH=${BATCH:-24}
 RESOLUTION=${RESOLUTION:-224}
-EPOCHS=${EPOCHS:-10}
+EPOCHS=${EPOCHS:-2}
 
 ARGS=(train --images "$PHOTOS" --init "${INIT:-default}" --out "$OUT" --run-dir "$RUN_DIR"
       --batch-size "$BATCH" --resolution "$RESOLUTION" --epochs "$EPOCHS"
