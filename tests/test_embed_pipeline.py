@@ -54,6 +54,8 @@ def test_batches_equal_single_images_in_order(model, files, backend, workers, tm
         rows.append(batch.gem)
     assert errors == [3]
     assert positions == [i for i in range(len(files)) if i != 3]
+    if embedder.forward_in_workers:  # the workers embedded: the main process ran no session
+        assert embedder.onnx is not None and not embedder.onnx.sessions
     got = torch.cat(rows)
     alone = torch.cat([embedder.gem([load_for_embedding(files[i], 256)[0]])
                        for i in positions])
