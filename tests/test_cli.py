@@ -11,19 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_line_error, run
 from conftest import copy_tree, family_of
 from PIL import Image
-from typer.testing import CliRunner
 
-from mgdedup.cli import app
 from mgdedup.embed import Embedder
 from mgdedup.synthetic import random_scene
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -192,31 +185,22 @@ def test_unreadable_files_are_reported_and_skipped(planted, tmp_path):
     assert all(e["reason"] for e in errors)
 
 
-def _assert_one_line_error(result, *words):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 def test_user_errors_are_one_line(tmp_path, planted, indexed):
-    _assert_one_line_error(run("index", tmp_path / "missing"), "no such folder")
+    one_line_error(run("index", tmp_path / "missing"), "no such folder")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _assert_one_line_error(run("index", empty), "no images")
+    one_line_error(run("index", empty), "no images")
     texts = tmp_path / "texts"
     texts.mkdir()
     (texts / "a.txt").write_text("hello")
-    _assert_one_line_error(run("index", texts), "no images")
+    one_line_error(run("index", texts), "no images")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00garbage" * 100)
-    _assert_one_line_error(run("index", indexed, "--model", corrupt), "corrupt.pt")
-    _assert_one_line_error(run("dedup", "--index", tmp_path / "nowhere"), "no mgdedup index")
-    _assert_one_line_error(run("index", indexed, "--resolution", "224"), "--rebuild")
+    one_line_error(run("index", indexed, "--model", corrupt), "corrupt.pt")
+    one_line_error(run("dedup", "--index", tmp_path / "nowhere"), "no mgdedup index")
+    one_line_error(run("index", indexed, "--resolution", "224"), "--rebuild")
     if not torch.cuda.is_available():
-        _assert_one_line_error(run("index", indexed, "--device", "cuda"), "no CUDA GPU")
+        one_line_error(run("index", indexed, "--device", "cuda"), "no CUDA GPU")
 
 
 class _Payload:
@@ -233,7 +217,7 @@ def test_malicious_model_file_is_refused_and_does_not_run(tmp_path):
     folder.mkdir()
     random_scene(np.random.default_rng(0)).save(folder / "a.png")
     result = run("index", folder, "--model", evil)
-    _assert_one_line_error(result, "evil.pt")
+    one_line_error(result, "evil.pt")
     assert not marker.exists()
 
 
@@ -248,7 +232,7 @@ def test_whiten_writes_a_model_that_indexes_and_classifies_exactly(planted, tmp_
     assert result.exit_code == 0, result.output
     assert "fitted on 12 images" in result.stderr
     again = run("whiten", folder, "--resolution", "224", "--out", model_file)
-    _assert_one_line_error(again, "exists")  # never overwritten
+    one_line_error(again, "exists")  # never overwritten
 
     from mgdedup.checkpoint import load_model_file
 
@@ -260,12 +244,12 @@ def test_whiten_writes_a_model_that_indexes_and_classifies_exactly(planted, tmp_
     assert f"default threshold {threshold:g}" in result.stderr
     # an index of the default model refuses descriptors of the whitened one
     assert run("index", folder, "-r", "224", "--workers", "0").exit_code == 0
-    _assert_one_line_error(run("index", folder, "-r", "224", "--model", model_file), "--rebuild")
+    one_line_error(run("index", folder, "-r", "224", "--model", model_file), "--rebuild")
     rebuilt = run("index", folder, "-r", "224", "--model", model_file, "--rebuild",
                   "--workers", "0")
     assert rebuilt.exit_code == 0, rebuilt.output
     query = planted.originals[0]
-    _assert_one_line_error(run("search", query, "--index", folder / ".mgdedup", "--model",
+    one_line_error(run("search", query, "--index", folder / ".mgdedup", "--model",
                                "default"), "another model")
     found = json.loads(run("search", query, "--index", folder / ".mgdedup", "--json").stdout)
     assert Path(found[0]["results"][0]["path"]).name == query.name  # uses the index's model
@@ -305,7 +289,7 @@ def test_marked_decisions_are_honoured_by_dedup(planted, tmp_path):
     assert run("index", folder, "-r", "224", "--workers", "0").exit_code == 0
     final = pairs()
     assert frozenset((a, b)) in final and frozenset((keeper, member)) not in final
-    _assert_one_line_error(run("mark", "duplicate", a, tmp_path / "elsewhere.png", "--index",
+    one_line_error(run("mark", "duplicate", a, tmp_path / "elsewhere.png", "--index",
                                index), "not in the index")
 
 
@@ -337,7 +321,7 @@ def test_move_is_dry_run_first_then_undone_byte_identical(planted, tmp_path):
     undone = run("undo", "--index", index)
     assert undone.exit_code == 0, undone.output
     assert _tree_digests(folder) == before
-    _assert_one_line_error(run("dedup", "--index", index, "--action", "move"), "--to")
+    one_line_error(run("dedup", "--index", index, "--action", "move"), "--to")
 
 
 def test_html_report_has_one_card_per_group(indexed, tmp_path):
@@ -349,4 +333,4 @@ def test_html_report_has_one_card_per_group(indexed, tmp_path):
     text = page.read_text(encoding="utf-8")
     assert text.count('<section class="group"') == len(groups) > 0
     assert text.count('data-role="member"') == sum(len(g["members"]) for g in groups)
-    _assert_one_line_error(run("dedup", "--index", index, "--format", "html"), "--out")
+    one_line_error(run("dedup", "--index", index, "--format", "html"), "--out")

@@ -8,11 +8,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from cli_helpers import run
 from conftest import copy_tree, photo
-from typer.testing import CliRunner
 
 from mgdedup import search
-from mgdedup.cli import app
 from mgdedup.dedup import find_duplicates
 from mgdedup.search import (
     AUTO_IVF_ROWS,
@@ -24,12 +23,6 @@ from mgdedup.search import (
     resolve_factory,
 )
 from mgdedup.store import IndexMeta, IndexStore, RowBatch
-
-runner = CliRunner()
-
-
-def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def planted_vectors(n: int = 6000, dim: int = 64, copies: int = 300, seed: int = 3

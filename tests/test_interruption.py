@@ -12,21 +12,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from cli_helpers import run
 from PIL import Image
-from typer.testing import CliRunner
 
 import mgdedup.indexer
-from mgdedup.cli import app
 from mgdedup.embed import Embedder
 from mgdedup.errors import MgdedupError
 from mgdedup.store import IndexStore
 
-runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
-
-def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def _noise_images(folder: Path, count: int, start: int = 0) -> list[Path]:

@@ -11,19 +11,12 @@ import time
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import run
 
-from mgdedup.cli import app
 from mgdedup.errors import MgdedupError
 from mgdedup.lock import GARBAGE_GRACE_S, IndexLock
 from mgdedup.store import IndexStore
 from mgdedup.synthetic import random_scene
-
-runner = CliRunner()
-
-
-def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture

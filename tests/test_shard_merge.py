@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import one_line_error, run
 from conftest import copy_tree
-from typer.testing import CliRunner
 
-from mgdedup.cli import app
 from mgdedup.errors import MgdedupError
 from mgdedup.indexer import Shard, shard_of
 from mgdedup.locate import find_index
@@ -18,20 +17,8 @@ from mgdedup.scan import scan_images
 from mgdedup.search import load_index
 from mgdedup.store import IndexMeta, IndexStore, RowBatch
 
-runner = CliRunner()
 RES = "64"  # small: these tests check bookkeeping, not descriptor quality
 
-
-def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def rows_by_path(index_dir: Path) -> dict[str, dict[str, object]]:

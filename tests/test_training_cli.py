@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_line_error, run
 from training_helpers import make_imagefolder, make_unlabelled
-from typer.testing import CliRunner
 
-from mgdedup.cli import app
 from mgdedup.errors import MgdedupError
 from mgdedup.training.data import (
     AugmentedImages,
@@ -21,20 +20,6 @@ from mgdedup.training.data import (
     unlabelled_files,
 )
 from mgdedup.training.sampler import RepeatedAugmentationSampler
-
-runner = CliRunner()
-
-
-def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_imagenet_and_images_together_is_an_error(tmp_path):
