@@ -518,13 +518,11 @@ class Trainer:
                           persistent_workers=False)
 
     @torch.no_grad()
-    def _estimate_beta0(self) -> None:
+    def _estimate_beta0(self, images: Tensor, ids: Tensor) -> None:
         """Fine-tuning: start beta between the initial model's mean copy distance and mean
         other-image distance on the first RA batch (see `balanced_beta`), averaged over ranks.
-        The batch is the first training batch itself (same seeds), so a run stays a function
-        of its config; BatchNorm in eval mode, so no statistic moves."""
-        self.sampler.set_epoch(self.epoch, self.epoch_iteration)
-        images, _, ids = next(iter(self._loader()))
+        It is the first training batch, just before its step, so a run stays a function of its
+        config; BatchNorm in eval mode, so no statistic moves."""
         self.net.eval()
         with self._autocast():
             g, _ = self.net.embed(images.to(self.device))
@@ -588,9 +586,8 @@ class Trainer:
                     "epoch": self.epoch, "images": len(self.dataset),
                     "world_size": self.world.world_size, "iters_per_epoch": iters,
                     "epochs": epochs, "config": config.to_dict()})
-        if self.iteration == 0 and config.resume is None and config.finetuning \
-                and config.beta0 is None and config.lam < 1.0:
-            self._estimate_beta0()
+        estimate_beta0 = self.iteration == 0 and config.resume is None \
+            and config.finetuning and config.beta0 is None and config.lam < 1.0
         rank_batch = self.sampler.rank_batch_size
         while self.epoch < epochs:
             self.net.train()
@@ -602,6 +599,9 @@ class Trainer:
                         "epoch_iteration": self.epoch_iteration, "iters_per_epoch": iters,
                         "epochs": epochs}, write=False)
             for images, labels, ids in self._loader():
+                if estimate_beta0:
+                    self._estimate_beta0(images, ids)
+                    estimate_beta0 = False
                 terms = self.step(images, labels, ids)
                 self.iteration += 1
                 self.epoch_iteration += 1
@@ -666,8 +666,9 @@ class Trainer:
         collection itself, as the paper fits on unlabelled images), with a calibrated default
         threshold each, so the model file works in `index` / `dedup` as it is."""
         from mgdedup.fit_whitening import whiten_model
+        from mgdedup.registry import load_model
 
-        resolutions = sorted(load_init_model(str(self.config.init)).whitenings)
+        resolutions = sorted(load_model(str(self.config.init)).whitenings)  # read only: no copy
         root = Path(str(self.config.images)).expanduser()
         for resolution in resolutions:
             self._emit({"event": "whiten", "resolution": resolution, "iteration": self.iteration,
