@@ -1,9 +1,10 @@
 """Does `mgdedup train --images` (unlabelled fine-tuning) help copy detection, and does
 distillation keep the classifier?
 
-Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 300] [--heldout 80]
-       [--iterations 200] [--batch-size 24] [--resolution 160] [--eval-resolution 224]
+Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 400] [--heldout 100]
+       [--iterations N] [--seed S] [--batch-size 24] [--resolution 224] [--eval-resolution 224]
        [--lr L] [--beta0 B] [--train-blocks K] [--agreement-photos DIR] [--workdir W]
+       [--keep-last] [--validate-every N] [--curve]
        [--tuned W/tuned.pt (evaluate an earlier run again, no training)]
 
 1. Training images: generated scenes (mgdedup.synthetic.random_scene), plus, with --photos,
@@ -20,6 +21,10 @@ Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 300] [--held
    - classifier: top-1 agreement of the fine-tuned model with the initial one on the held-out
      originals (ImageNet classes), and with --agreement-photos on real photos that training
      never saw (the held-out quarter when --photos also trains on them).
+By default training holds a tenth of its images out and writes the checkpoint that retrieves
+their copies best (`--select-best`, what `train --images` does); `--keep-last` writes the last.
+`--curve` also scores the benchmark's held-out copies (whitened) at every internal validation,
+to see whether the internal choice tracks the independent held-out set.
 Descriptors at --eval-resolution with the test protocol, p = 3, two ways for both models:
 l2n(g), and whitened as `index` stores them, each model with a whitening fitted on the
 training images (what `mgdedup train --images` does at its end; the initial model's shipped
@@ -29,6 +34,7 @@ whitening was fitted on other photos, so both get one fitted on the same images)
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -50,7 +56,7 @@ from mgdedup.registry import load_model
 from mgdedup.scan import scan_images
 from mgdedup.synthetic import EDITS, random_scene
 from mgdedup.training.config import TrainConfig
-from mgdedup.training.loop import run_training
+from mgdedup.training.loop import Trainer
 from mgdedup.transforms import resize_for_resolution, to_tensor
 
 RESERVED = ("tuxpaint", "lxqt")
@@ -139,17 +145,20 @@ def whitened_on(model: MultiGrainModel, folder: Path, resolution: int) -> MultiG
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=Path, default=None)
-    parser.add_argument("--train", type=int, default=300, help="generated training scenes")
-    parser.add_argument("--heldout", type=int, default=80, help="generated held-out scenes")
+    parser.add_argument("--train", type=int, default=400, help="generated training scenes")
+    parser.add_argument("--heldout", type=int, default=100, help="generated held-out scenes")
     parser.add_argument("--copies", type=int, default=4, help="augmented copies per original")
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="one epoch of N iterations (default: train --images' own "
+                             "schedule, 2 epochs of ceil(2 N / B))")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (data are fixed)")
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--lam", type=float, default=0.5)
     parser.add_argument("--beta0", type=float, default=None, help="initial margin beta")
     parser.add_argument("--train-blocks", type=int, default=None,
                         help="train only the trunk's last K blocks (default: all)")
-    parser.add_argument("--resolution", type=int, default=160, help="training crop")
+    parser.add_argument("--resolution", type=int, default=224, help="training crop")
     parser.add_argument("--eval-resolution", type=int, default=224)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tuned", type=Path, default=None,
@@ -157,6 +166,14 @@ def main() -> None:
     parser.add_argument("--agreement-photos", type=Path, default=None,
                         help="real photos for top-1 agreement (held-out quarter if --photos)")
     parser.add_argument("--agreement-count", type=int, default=200)
+    parser.add_argument("--original-view", action="store_true",
+                        help="the first copy of each image in a batch is the image unaugmented")
+    parser.add_argument("--keep-last", action="store_true",
+                        help="train on every image and keep the last model (no selection)")
+    parser.add_argument("--validate-every", type=int, default=0,
+                        help="internal held-out validation every N iterations (0: at the end)")
+    parser.add_argument("--curve", action="store_true",
+                        help="score the benchmark's held-out copies at every validation")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -205,15 +222,39 @@ def main() -> None:
 
     train_count = len(list(train_dir.iterdir()))
     config = TrainConfig(images=str(train_dir), init="default", out=str(work / "tuned.pt"),
-                         run_dir=str(work / "run"), epochs=1, iters_per_epoch=args.iterations,
+                         run_dir=str(work / "run"),
+                         epochs=1 if args.iterations else None, iters_per_epoch=args.iterations,
+                         seed=args.seed,
                          batch_size=args.batch_size, lr=args.lr, lam=args.lam, milestones=[],
                          train_blocks=args.train_blocks, beta0=args.beta0,
                          whiten=False,  # the same refit as training's, at --eval-resolution only
                          resolution=args.resolution, workers=args.workers, log_every=5, save_every=5,
+                         select_best=not args.keep_last, original_view=args.original_view, validate_every=args.validate_every,
                          device="cpu")
+    curve: list[dict] = []
+    trainer: Trainer | None = None
+
+    def on_event(record: dict) -> None:
+        if record["event"] != "copy_validation" or not args.curve or trainer is None:
+            return
+        snapshot = whitened_on(copy.deepcopy(trainer.model).eval(), train_dir,
+                               args.eval_resolution)
+        database, white_db, _ = embed(snapshot, originals, args.eval_resolution)
+        queries, white_q, _ = embed(snapshot, aug, args.eval_resolution)
+        curve.append({"iteration": record["iteration"], "internal": round(record["map_whitened"], 4),
+                      "internal_l2n": round(record["map_l2n"], 4),
+                      "internal_agreement": round(record["agreement"], 4),
+                      "heldout": round(retrieval_map(white_q, aug_owner_a, white_db), 4),
+                      "heldout_l2n": round(retrieval_map(queries, aug_owner_a, database), 4)})
+        print(json.dumps(curve[-1]), flush=True)
+
     started = time.perf_counter()
     if args.tuned is None:
-        out = run_training(config)
+        trainer = Trainer(config, progress=on_event)
+        try:
+            out = trainer.fit()
+        finally:
+            trainer.close()
     else:  # evaluate a finished run again (same generated data: the seeds are fixed)
         out, config.out, config.run_dir = args.tuned, str(args.tuned), str(args.tuned.parent / "run")
     seconds = time.perf_counter() - started
@@ -224,12 +265,16 @@ def main() -> None:
     others_agreement = (float((before["others_top1"] == after["others_top1"]).double().mean())
                         if others else None)
     lines = (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line) for line in lines if json.loads(line)["event"] == "train"]
+    records = [json.loads(line) for line in lines]
+    steps = [r for r in records if r["event"] == "train"]
+    selected = [r for r in records if r["event"] == "selected"]
     result = {
         "train_images": train_count, "heldout_originals": len(originals),
-        "aug_queries": len(aug), "edit_queries": len(edits), "iterations": args.iterations,
+        "aug_queries": len(aug), "edit_queries": len(edits), "iterations": steps[-1]["iteration"],
+        "seed": args.seed,
         "batch_size": args.batch_size, "lr": config.base_lr, "lam": args.lam,
         "train_blocks": args.train_blocks, "beta0": args.beta0,
+        "original_view": args.original_view,
         "train_resolution": args.resolution, "eval_resolution": args.eval_resolution,
         "train_seconds": round(seconds, 1),
         "map_aug_before": round(before["map_aug"], 4), "map_aug_after": round(after["map_aug"], 4),
@@ -247,6 +292,11 @@ def main() -> None:
         "top1_agreement_photos": None if others_agreement is None else round(others_agreement, 4),
         "margin_first": round(steps[0]["margin"], 4), "margin_last": round(steps[-1]["margin"], 4),
         "kl_first": round(steps[0]["distillation"], 4), "kl_last": round(steps[-1]["distillation"], 4),
+        "selected_iteration": selected[-1]["iteration"] if selected else None,
+        "validations": [{"iteration": r["iteration"], "map_whitened": round(r["map_whitened"], 4),
+                         "agreement": round(r["agreement"], 4)}
+                        for r in records if r["event"] == "copy_validation"],
+        "curve": curve,
     }
     print("| metric | initial | fine-tuned |\n|---|---|---|")
     print(f"| mAP, full-augmentation copies -> originals | {result['map_aug_before']} | "

@@ -71,6 +71,21 @@ def train(
         "--whiten/--no-whiten", help="With --images: refit the initial model's whitenings on "
                                      "the images at the end (default), so the model is ready "
                                      "for index/dedup.")] = None,
+    select_best: Annotated[bool | None, typer.Option(
+        "--select-best/--keep-last", help="With --images: hold a tenth of the images (at most "
+                                          "100) out of training, score copy retrieval on them "
+                                          "at the start and after each epoch, and write the "
+                                          "best model (default), never one worse than the "
+                                          "initial model; --keep-last trains on every image "
+                                          "and writes the last model.")] = None,
+    original_view: Annotated[bool | None, typer.Option(
+        "--original-view/--augmented-only", help="The first of the m copies of each image in "
+                                                 "a batch is the image unaugmented, as index "
+                                                 "sees it (default: every copy augmented, "
+                                                 "as the paper).")] = None,
+    validate_every: Annotated[int | None, typer.Option(
+        "--validate-every", min=0, help="With --images: also score the held-out copies every "
+                                        "N iterations (default: at epoch ends).")] = None,
     lr: Annotated[float | None, typer.Option(
         "--lr", help="Base learning rate. Default 0.2 x B/512 (1e-4 with --init).")
     ] = None,
@@ -130,7 +145,8 @@ def train(
         "imagenet": imagenet, "images": images, "init": init, "out": out, "run_dir": run_dir,
         "resume": resume, "epochs": epochs, "batch_size": batch_size, "repeats": repeats,
         "lam": lam, "p": p, "learn_p": learn_p, "freeze_bn": freeze_bn,
-        "train_blocks": train_blocks, "whiten": whiten, "lr": lr, "beta0": beta0,
+        "train_blocks": train_blocks, "whiten": whiten, "select_best": select_best,
+        "validate_every": validate_every, "original_view": original_view, "lr": lr, "beta0": beta0,
         "beta_lr_factor": beta_lr_factor,
         "momentum": momentum, "weight_decay": weight_decay, "milestones": _milestones(milestones),
         "iters_per_epoch": iters_per_epoch, "augment": augment, "workers": workers,
@@ -195,6 +211,17 @@ class _Reporter:
         elif event == "whiten":
             err.print(f"fitting the whitening at s*={record['resolution']} on the training "
                       "images", highlight=False, soft_wrap=True)
+        elif event == "copy_validation":
+            line = (f"held-out copies at iteration {record['iteration']}: mAP "
+                    f"{record['map_whitened']:.4f} (l2n {record['map_l2n']:.4f}), top-1 "
+                    f"agreement {100 * record['agreement']:.1f}% over {record['queries']} "
+                    f"queries")
+            err.print(line + (" (best so far)" if record["best"] else ""), highlight=False,
+                      soft_wrap=True)
+        elif event == "selected":
+            err.print(f"writing the model of iteration {record['iteration']} (held-out copy "
+                      f"mAP {record['initial_map_whitened']:.4f} at the start, "
+                      f"{record['map_whitened']:.4f} then)", highlight=False, soft_wrap=True)
         elif event == "epoch":
             self.last_epoch = record  # one line per epoch, also in SLURM logs (not a TTY)
             err.print(self.epoch_line(record), highlight=False, soft_wrap=True)

@@ -108,6 +108,30 @@ def test_samples_are_functions_of_index_and_seed(tmp_path):
     assert batches[0][0][1] == augmentation_seed(0, 0, 0, 0, 0)
 
 
+def test_original_views_are_the_first_copy_of_each_group_as_index_sees_it(tmp_path):
+    """--original-view: positions 0, m, 2m, ... carry the unaugmented flag (and the same
+    indices and seeds as without it); that sample equals the test-protocol input `index`
+    embeds at s* = 224, and above 224 it is a square centre crop of the resized image."""
+    from mgdedup.transforms import load_for_embedding
+
+    paths = make_unlabelled(tmp_path / "photos", 4, size=(320, 240))
+    dataset = AugmentedImages(unlabelled_files(tmp_path / "photos"),
+                              build_augmentation("full", 224), 224)
+    sampler = RepeatedAugmentationSampler(4, 6, 3, iters_per_epoch=2, seed=0)
+    plain = list(SeededBatches(sampler, seed=0))
+    marked = list(SeededBatches(sampler, seed=0, original_views=True))
+    for batch_plain, batch_marked in zip(plain, marked, strict=True):
+        assert [item[:2] for item in batch_marked] == batch_plain
+        assert [len(item) == 3 for item in batch_marked] == [True, False, False] * 2
+        assert all(batch_marked[i][0] == batch_marked[i + 1][0] for i in (0, 1, 3, 4))
+    index = dataset.files.paths.index(paths[1])
+    view = dataset[(index, 5, True)][0]
+    assert torch.equal(view, load_for_embedding(paths[1], 224)[0])
+    assert not torch.equal(dataset[(index, 5)][0], view)
+    wide = AugmentedImages(dataset.files, build_augmentation("full", 300), 300)
+    assert wide[(index, 5, True)][0].shape == (3, 300, 300)
+
+
 def test_cli_does_not_import_training_at_module_level():
     """Inference modules never import the training code; the CLI only inside `train`."""
     package = Path(__file__).resolve().parent.parent / "mgdedup"

@@ -33,7 +33,7 @@ AUGMENTS = ("full", "autoaugment")
 #: fields that may differ when a run is resumed (they do not change the optimisation)
 RUNTIME_FIELDS = frozenset({
     "workers", "device", "out", "run_dir", "resume", "stop_after", "save_every", "log_every",
-    "epochs", "whiten",
+    "epochs", "whiten", "validate_every",
 })
 
 
@@ -58,6 +58,12 @@ class TrainConfig:
     freeze_bn: bool | None = None  # None: frozen BatchNorm statistics when starting from --init
     train_blocks: int | None = None  # None: every layer learns; K: only the trunk's last K blocks
     whiten: bool = True  # --images: refit the initial model's whitenings on the images at the end
+    # --images: hold a tenth of the images out of training, score copy retrieval on them at
+    # the start and at every validation, and keep the best model (mgdedup.training.copy_validation)
+    select_best: bool = True
+    # the first of the m copies of each image in a batch is the image unaugmented (test view)
+    original_view: bool = False
+    validate_every: int = 0  # also validate every N iterations (0: at epoch ends only)
     # schedule
     epochs: int | None = None
     batch_size: int = 512  # global, over all processes
@@ -150,6 +156,8 @@ class TrainConfig:
             raise MgdedupError(f"--workers must be >= 0, got {self.workers}")
         if self.temperature <= 0:
             raise MgdedupError(f"--temperature must be positive, got {self.temperature:g}")
+        if self.validate_every < 0:
+            raise MgdedupError(f"--validate-every must be >= 0, got {self.validate_every}")
         if self.milestones is not None and any(m < 1 for m in self.milestones):
             raise MgdedupError("--milestones must be positive epoch numbers")
 

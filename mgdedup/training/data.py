@@ -31,7 +31,13 @@ from mgdedup.errors import MgdedupError
 from mgdedup.imageio import ImageReadError, open_rgb
 from mgdedup.scan import IMAGE_EXTENSIONS, scan_images
 from mgdedup.training.sampler import RepeatedAugmentationSampler
-from mgdedup.transforms import load_for_embedding
+from mgdedup.transforms import (
+    CROP_RESOLUTION_MAX,
+    crop_offset,
+    load_for_embedding,
+    resize_for_resolution,
+    to_tensor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +161,14 @@ class AugmentedImages(Dataset):
     """dataset[(index, seed)] -> (augmented image (3, s, s) in [0, 1], label, index).
 
     The augmentation runs under the torch RNG seeded with `seed` (and the global RNG is
-    restored after), so a sample is a pure function of (index, seed).
+    restored after), so a sample is a pure function of (index, seed). dataset[(index, seed,
+    True)] is the image unaugmented, as `index` sees it (see `original_view`).
     """
 
     def __init__(self, files: FileList, augmentation: nn.Module, resolution: int) -> None:
         self.files = files
         self.augmentation = augmentation
+        self.resolution = int(resolution)
         self.min_size = _decode_min_size(resolution)
         self._reported: set[int] = set()
 
@@ -181,13 +189,33 @@ class AugmentedImages(Dataset):
                     log.warning("skipping %s: %s", self.files.paths[position], error.reason)
         raise MgdedupError("no image of the training set can be decoded")
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int]:
-        index, seed = item
+    def __getitem__(self, item: tuple[int, ...]) -> tuple[Tensor, int, int]:
+        index, seed, *view = item
         image = self.load(index)
+        if view and view[0]:
+            return original_view(image, self.resolution), self.files.labels[index], index
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             pixels = self.augmentation(image)
         return pixels, self.files.labels[index], index
+
+
+def original_view(image: Image.Image, resolution: int) -> Tensor:
+    """(3, s, s) in [0, 1]: the test protocol's view of `image` at s* = s <= 224 (resize to
+    256/224 s, centre crop s); above 224, where `index` keeps the aspect ratio, the same
+    resize-and-crop, since a batch needs square images."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if resolution > CROP_RESOLUTION_MAX:
+        scale = resolution / min(image.size)
+        size = (max(resolution, round(image.width * scale)),
+                max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        left, top = crop_offset(size, resolution)
+        image = image.crop((left, top, left + resolution, top + resolution))
+    else:
+        image = resize_for_resolution(image, resolution)
+    return to_tensor(image)
 
 
 class EvalImages(Dataset):
@@ -223,13 +251,20 @@ def augmentation_seed(seed: int, epoch: int, iteration: int, rank: int, position
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
-class SeededBatches(Sampler[list[tuple[int, int]]]):
-    """The RA batch sampler's index lists, each index paired with its augmentation seed."""
+class SeededBatches(Sampler[list[tuple[int, ...]]]):
+    """The RA batch sampler's index lists, each index paired with its augmentation seed.
 
-    def __init__(self, sampler: RepeatedAugmentationSampler, seed: int) -> None:
+    With `original_views` the first of the m copies of each image (positions 0, m, 2m, ...:
+    the sampler repeats an image consecutively) is (index, seed, True), the unaugmented view:
+    the margin loss then also pulls augmented copies towards the image as `index` sees it.
+    """
+
+    def __init__(self, sampler: RepeatedAugmentationSampler, seed: int,
+                 original_views: bool = False) -> None:
         super().__init__()
         self.sampler = sampler
         self.seed = seed
+        self.original_views = original_views
 
     def __len__(self) -> int:
         return self.sampler.num_remaining
@@ -238,6 +273,7 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
         s = self.sampler
         for iteration, batch in enumerate(iter(s), start=s.start_iteration):
             yield [(index, augmentation_seed(self.seed, s.epoch, iteration, s.rank, position))
+                   + ((True,) if self.original_views and position % s.repeats == 0 else ())
                    for position, index in enumerate(batch)]
 
 

@@ -39,6 +39,12 @@ from mgdedup.training.checkpoints import (
     set_rng_states,
 )
 from mgdedup.training.config import TrainConfig, merge_for_resume
+from mgdedup.training.copy_validation import (
+    DISTRACTORS,
+    MIN_AGREEMENT,
+    CopyValidation,
+    split_held_out,
+)
 from mgdedup.training.data import (
     AugmentedImages,
     EvalImages,
@@ -60,6 +66,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
 CHECKPOINT_NAME = "last.ckpt"
+BEST_NAME = "best.pt"  # --images: the model that retrieved the held-out copies best so far
 METRICS_NAME = "metrics.jsonl"
 VAL_BATCH = 50
 
@@ -291,6 +298,13 @@ class Trainer:
 
         # data
         self.train_files, self.val_files = self._file_lists()
+        self.held_out: list[Path] = []
+        if config.finetuning and config.select_best:
+            self.train_files, self.held_out = self._hold_out(self.train_files)
+        self.copy_validation: CopyValidation | None = None
+        self.initial_score: dict | None = None  # held-out copy retrieval of the initial model
+        self.best: dict | None = None  # ... and of the best model so far (in best.pt)
+        self.initial_top1: list[int] | None = None
         self.labelled = not config.finetuning
         self.dataset = AugmentedImages(self.train_files,
                                        build_augmentation(config.augment, config.resolution),
@@ -358,6 +372,18 @@ class Trainer:
         train = imagefolder_split(root, "train")
         val = imagefolder_split(root, "val", train.classes) if (root / "val").exists() else None
         return train, val
+
+    def _hold_out(self, files: FileList) -> tuple[FileList, list[Path]]:
+        """A tenth of --images (by a hash of the path) leaves training to score checkpoints."""
+        keep, held = split_held_out(files.paths, Path(str(self.config.images)).expanduser())
+        if not held:
+            log.info("%d images: too few to hold some out for validation, so the model of the "
+                     "last iteration is kept", len(files.paths))
+            return files, []
+        log.info("%d of %d images held out of training to score copy retrieval", len(held),
+                 len(files.paths))
+        return (FileList([files.paths[i] for i in keep], [files.labels[i] for i in keep],
+                         files.classes), [files.paths[i] for i in held])
 
     def _build_model(self, given: MultiGrainModel | None,
                      resumed: tuple[dict, dict] | None) -> MultiGrainModel:
@@ -453,6 +479,10 @@ class Trainer:
             raise MgdedupError(f"--init {self.config.init} is not the model this run "
                                    f"started from")
         self.initial_fingerprint = training.get("initial_fingerprint", "")
+        selection = training.get("selection") or {}
+        self.initial_score = selection.get("initial")
+        self.best = selection.get("best")
+        self.initial_top1 = selection.get("initial_top1")
         set_rng_states(training["rng"])
         log.info("resumed at epoch %d, iteration %d", self.epoch, self.iteration)
 
@@ -504,6 +534,8 @@ class Trainer:
             "rng": rng_states(),
             "config": self.config.to_dict(),
             "initial_fingerprint": getattr(self, "initial_fingerprint", ""),
+            "selection": {"initial": self.initial_score, "best": self.best,
+                          "initial_top1": self.initial_top1},
         }
         save_checkpoint(self.checkpoint_path, self.model, training)  # mode is not stored
         log.info("checkpoint %s (epoch %d, iteration %d)", self.checkpoint_path, self.epoch,
@@ -512,7 +544,8 @@ class Trainer:
     # --- training -------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         config = self.config
-        return DataLoader(self.dataset, batch_sampler=SeededBatches(self.sampler, config.seed),
+        return DataLoader(self.dataset, batch_sampler=SeededBatches(self.sampler, config.seed,
+                                                                 config.original_view),
                           num_workers=config.workers, worker_init_fn=seed_worker,
                           pin_memory=self.device.type == "cuda",
                           persistent_workers=False)
@@ -589,6 +622,8 @@ class Trainer:
         estimate_beta0 = self.iteration == 0 and config.resume is None \
             and config.finetuning and config.beta0 is None and config.lam < 1.0
         rank_batch = self.sampler.rank_batch_size
+        if self.initial_score is None:
+            self._validate_copies()  # the initial model: the score to beat
         while self.epoch < epochs:
             self.net.train()
             self.sampler.set_epoch(self.epoch, self.epoch_iteration)
@@ -624,6 +659,9 @@ class Trainer:
                 if logged:
                     self._emit(record)
                     window, steps_in_window, window_start = {}, 0, time.perf_counter()
+                if config.validate_every and self.iteration % config.validate_every == 0 \
+                        and self.epoch_iteration < iters:
+                    self._validate_copies()
                 if config.save_every and self.iteration % config.save_every == 0 \
                         and self.epoch_iteration < iters:
                     self.save()
@@ -637,6 +675,7 @@ class Trainer:
             average_buffers(self.net, self.world)
             if self.val_files is not None:
                 summary.update(self.validate())
+            summary.update(self._validate_copies())
             self.scheduler.step()
             self.epoch += 1
             self.epoch_iteration = 0
@@ -653,12 +692,91 @@ class Trainer:
         if self.world.main:
             self.model.info.training_p = float(self.model.pool.p.detach())
             self.model.eval()
+            self._select_best()
             if self.config.finetuning and self.config.whiten:
                 self._refit_whitenings()
             save_model(self.model, self.out)
             self._emit({"event": "done", "iteration": self.iteration, "epoch": self.epoch,
                         "out": str(self.out)})
         return self.out
+
+    # --- held-out copy retrieval (--images) ------------------------------------------------
+    def _validate_copies(self) -> dict[str, float]:
+        """Score the current model on the held-out copies (rank 0); a new best (that still
+        classifies like the initial model) is written to best.pt. Returns the epoch summary's
+        fields."""
+        if not self.held_out or not self.world.main:
+            return {}
+        if self.copy_validation is None:
+            paths = self.train_files.paths
+            step = max(1, len(paths) // DISTRACTORS)
+            self.copy_validation = CopyValidation(self.held_out, paths[::step][:DISTRACTORS],
+                                                  self.config.resolution, seed=self.config.seed)
+            if self.initial_top1 is not None:
+                self.copy_validation.initial_top1 = torch.tensor(self.initial_top1)
+            if not len(self.copy_validation):
+                log.warning("none of the held-out images could be read: the model of the last "
+                            "iteration is kept")
+                self.held_out = []
+                return {}
+
+        def embed(images: Tensor) -> tuple[Tensor, Tensor]:
+            with self._autocast():
+                return self.net.embed(images)
+
+        self.net.eval()
+        with torch.no_grad():
+            score = self.copy_validation.score(embed, self.device).to_dict()
+        self.net.train()
+        reference = self.copy_validation.initial_top1
+        if self.initial_top1 is None and reference is not None:  # kept for a resume
+            self.initial_top1 = [int(v) for v in reference.tolist()]
+        record = {**score, "iteration": self.iteration, "epoch": self.epoch}
+        if self.initial_score is None:
+            self.initial_score = record
+        improved = score["agreement"] >= MIN_AGREEMENT and (
+            self.best is None or score["map_whitened"] > self.best["map_whitened"])
+        if improved:
+            self.model.info.training_p = float(self.model.pool.p.detach())
+            save_model(self.model, self.run_dir / BEST_NAME)
+            self.best = {**record, "fingerprint": fingerprint_of(self.model)}
+        self._emit({"event": "copy_validation", **record, "best": improved})
+        return {"copy_map": score["map_whitened"], "copy_agreement": score["agreement"]}
+
+    def _select_best(self) -> None:
+        """Before the model is written: load best.pt's weights when a checkpoint other than
+        the last retrieved the held-out copies best, and say what was kept and why."""
+        best, initial = self.best, self.initial_score
+        if best is None or initial is None:
+            return
+        if best["iteration"] != self.iteration:
+            from mgdedup.checkpoint import load_model_file
+
+            path = self.run_dir / BEST_NAME
+            try:
+                chosen = load_model_file(path)
+            except MgdedupError as error:
+                log.warning("cannot read %s (%s): keeping the last model", path, error)
+                return
+            if fingerprint_of(chosen) != best["fingerprint"]:
+                log.warning("%s is not the model this run recorded as its best: keeping the "
+                            "last model", path)
+                return
+            self.model.trunk.load_state_dict(chosen.trunk.state_dict())
+            self.model.pool.set_p(float(chosen.info.training_p))
+            self.model.info.training_p = float(chosen.info.training_p)
+        self._emit({"event": "selected", "iteration": best["iteration"], "epoch": best["epoch"],
+                    "last_iteration": self.iteration, "map_whitened": best["map_whitened"],
+                    "initial_map_whitened": initial["map_whitened"],
+                    "agreement": best["agreement"]})
+        if best["iteration"] == 0:
+            log.warning("fine-tuning did not improve copy retrieval on the %d held-out images "
+                        "(mAP %.3f at the start): the model written is the initial one",
+                        len(self.held_out), initial["map_whitened"])
+        else:
+            log.info("kept iteration %d: held-out copy mAP %.3f -> %.3f, top-1 agreement %.2f",
+                     best["iteration"], initial["map_whitened"], best["map_whitened"],
+                     best["agreement"])
 
     def _refit_whitenings(self) -> None:
         """Fine-tuning changed the descriptors, so the initial model's whitenings no longer fit:

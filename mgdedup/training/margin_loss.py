@@ -150,7 +150,8 @@ def balanced_beta(embeddings: Tensor, instance_ids: Tensor) -> tuple[float, floa
     model, full-augmentation RA batches: copies 0.66 apart on average, other images 0.96,
     BENCHMARKS.md), so with beta 1.2 and alpha 0.2 a copy pair is active only beyond D = 1.0
     (none was, in a batch of 32 scenes) and every other-image pair below 1.4 (all were): the
-    loss only spreads images apart and teaches no invariance. Starting beta between the two means makes the hard pairs of both kinds active.
+    loss only spreads images apart and teaches no invariance. Starting beta between the two
+    means makes the hard pairs of both kinds active.
     None when the batch has no copies or no other images.
     """
     e = F.normalize(embeddings.detach().float(), dim=1)
