@@ -155,7 +155,7 @@ def photos(tmp_path_factory) -> Path:
 
 def finetune_config(photos: Path, run_dir: Path, **changes) -> TrainConfig:
     base = {"images": str(photos), "init": "default", "run_dir": str(run_dir), "epochs": 3,
-            "iters_per_epoch": 2, "batch_size": 6, "milestones": [], "workers": 0,
+            "iters_per_epoch": 1, "batch_size": 6, "milestones": [], "workers": 0,
             "resolution": 32, "whiten": False, "log_every": 1, "device": "cpu"}
     return TrainConfig(**{**base, **changes})
 
@@ -189,11 +189,11 @@ def events(run_dir: Path, kind: str) -> list[dict]:
 
 def test_finetuning_writes_the_checkpoint_that_retrieved_held_out_copies_best(
         photos, tmp_path, monkeypatch):
-    """Validation at the start and after each epoch; iteration 4 scores highest but no longer
-    classifies like the initial model, so iteration 2 is written; held-out images never
+    """Validation at the start and after each epoch; iteration 2 scores highest but no longer
+    classifies like the initial model, so iteration 1 is written; held-out images never
     enter training."""
-    scores = ScriptedScores({0: (0.5, 1.0), 2: (0.6, 0.95), 4: (0.9, MIN_AGREEMENT - 0.1),
-                             6: (0.55, 1.0)}).install(monkeypatch)
+    scores = ScriptedScores({0: (0.5, 1.0), 1: (0.6, 0.95), 2: (0.9, MIN_AGREEMENT - 0.1),
+                             3: (0.55, 1.0)}).install(monkeypatch)
     trainer = Trainer(finetune_config(photos, tmp_path / "run"))
     scores.trainer = trainer
     assert len(trainer.held_out) == 8 and len(trainer.dataset) == MIN_IMAGES_FOR_HOLD_OUT - 8
@@ -202,18 +202,18 @@ def test_finetuning_writes_the_checkpoint_that_retrieved_held_out_copies_best(
 
     validations = events(tmp_path / "run", "copy_validation")
     assert [(v["iteration"], v["best"]) for v in validations] == \
-        [(0, True), (2, True), (4, False), (6, False)]
+        [(0, True), (1, True), (2, False), (3, False)]
     assert len(set(scores.digests.values())) == 4  # the model did change between them
-    assert state_digest(load_model_file(out).trunk) == scores.digests[2]
+    assert state_digest(load_model_file(out).trunk) == scores.digests[1]
     selected = events(tmp_path / "run", "selected")[0]
-    assert (selected["iteration"], selected["last_iteration"]) == (2, 6)
+    assert (selected["iteration"], selected["last_iteration"]) == (1, 3)
     assert selected["initial_map_whitened"] == 0.5 and selected["map_whitened"] == 0.6
     assert (tmp_path / "run" / BEST_NAME).exists()
 
 
 def test_initial_model_is_written_when_fine_tuning_does_not_help(photos, tmp_path, monkeypatch,
                                                                 caplog):
-    scores = ScriptedScores({0: (0.7, 1.0), 2: (0.6, 1.0), 4: (0.7, 1.0), 6: (0.65, 1.0)})
+    scores = ScriptedScores({0: (0.7, 1.0), 1: (0.6, 1.0), 2: (0.7, 1.0), 3: (0.65, 1.0)})
     scores.install(monkeypatch)
     trainer = Trainer(finetune_config(photos, tmp_path / "run"))
     scores.trainer = trainer
@@ -224,26 +224,26 @@ def test_initial_model_is_written_when_fine_tuning_does_not_help(photos, tmp_pat
 
 
 def test_resume_keeps_the_best_found_before_the_interruption(photos, tmp_path, monkeypatch):
-    """Stopped at iteration 3 (best so far: 2) and resumed: the written model is the one of
-    iteration 2 from before the stop, the same as an uninterrupted run writes."""
-    table = {0: (0.5, 1.0), 2: (0.8, 1.0), 4: (0.6, 1.0), 6: (0.7, 1.0)}
+    """Stopped after iteration 2 (best so far: 1) and resumed: the written model is the one
+    of iteration 1 from before the stop, the same as an uninterrupted run writes."""
+    table = {0: (0.5, 1.0), 1: (0.8, 1.0), 2: (0.6, 1.0), 3: (0.7, 1.0)}
     straight_scores = ScriptedScores(table).install(monkeypatch)
     straight = Trainer(finetune_config(photos, tmp_path / "a"))
     straight_scores.trainer = straight
     straight_out = straight.fit()
 
     scores = ScriptedScores(table).install(monkeypatch)
-    first = Trainer(finetune_config(photos, tmp_path / "b", stop_after=3))
+    first = Trainer(finetune_config(photos, tmp_path / "b", stop_after=2))
     scores.trainer = first
     first.fit()
     resumed = Trainer(finetune_config(photos, tmp_path / "b",
                                       resume=str(tmp_path / "b" / "last.ckpt")))
     scores.trainer = resumed
     out = resumed.fit()
-    assert sorted(scores.digests) == [0, 2, 4, 6]  # the initial model was not scored again
-    assert resumed.best["iteration"] == 2
+    assert sorted(scores.digests) == [0, 1, 2, 3]  # the initial model was not scored again
+    assert resumed.best["iteration"] == 1
     assert state_digest(load_model_file(out).trunk) == \
-        state_digest(load_model_file(straight_out).trunk) == straight_scores.digests[2]
+        state_digest(load_model_file(straight_out).trunk) == straight_scores.digests[1]
 
 
 def test_keep_last_trains_on_every_image_and_scores_nothing(photos, tmp_path, monkeypatch):
