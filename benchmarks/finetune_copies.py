@@ -4,7 +4,7 @@ distillation keep the classifier?
 Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 400] [--heldout 100]
        [--iterations N] [--seed S] [--batch-size 24] [--resolution 224] [--eval-resolution 224]
        [--lr L] [--beta0 B] [--train-blocks K] [--agreement-photos DIR] [--workdir W]
-       [--keep-last] [--validate-every N] [--curve]
+       [--keep-last] [--validate-every N] [--curve] [--no-original-view]
        [--tuned W/tuned.pt (evaluate an earlier run again, no training)]
 
 1. Training images: generated scenes (mgdedup.synthetic.random_scene), plus, with --photos,
@@ -166,8 +166,9 @@ def main() -> None:
     parser.add_argument("--agreement-photos", type=Path, default=None,
                         help="real photos for top-1 agreement (held-out quarter if --photos)")
     parser.add_argument("--agreement-count", type=int, default=200)
-    parser.add_argument("--original-view", action="store_true",
-                        help="the first copy of each image in a batch is the image unaugmented")
+    parser.add_argument("--original-view", action=argparse.BooleanOptionalAction, default=None,
+                        help="the first copy of each image in a batch is the image unaugmented "
+                             "(default: as train --images, on)")
     parser.add_argument("--keep-last", action="store_true",
                         help="train on every image and keep the last model (no selection)")
     parser.add_argument("--validate-every", type=int, default=0,
@@ -229,7 +230,8 @@ def main() -> None:
                          train_blocks=args.train_blocks, beta0=args.beta0,
                          whiten=False,  # the same refit as training's, at --eval-resolution only
                          resolution=args.resolution, workers=args.workers, log_every=5, save_every=5,
-                         select_best=not args.keep_last, original_view=args.original_view, validate_every=args.validate_every,
+                         select_best=not args.keep_last, original_view=args.original_view,
+                         validate_every=args.validate_every,
                          device="cpu")
     curve: list[dict] = []
     trainer: Trainer | None = None
@@ -274,7 +276,7 @@ def main() -> None:
         "seed": args.seed,
         "batch_size": args.batch_size, "lr": config.base_lr, "lam": args.lam,
         "train_blocks": args.train_blocks, "beta0": args.beta0,
-        "original_view": args.original_view,
+        "original_view": config.original_views,
         "train_resolution": args.resolution, "eval_resolution": args.eval_resolution,
         "train_seconds": round(seconds, 1),
         "map_aug_before": round(before["map_aug"], 4), "map_aug_after": round(after["map_aug"], 4),

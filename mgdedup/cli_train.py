@@ -81,8 +81,9 @@ def train(
     original_view: Annotated[bool | None, typer.Option(
         "--original-view/--augmented-only", help="The first of the m copies of each image in "
                                                  "a batch is the image unaugmented, as index "
-                                                 "sees it (default: every copy augmented, "
-                                                 "as the paper).")] = None,
+                                                 "sees it (default: on with --images; every "
+                                                 "copy augmented with --imagenet, as the "
+                                                 "paper).")] = None,
     validate_every: Annotated[int | None, typer.Option(
         "--validate-every", min=0, help="With --images: also score the held-out copies every "
                                         "N iterations (default: at epoch ends).")] = None,
@@ -146,7 +147,8 @@ def train(
         "resume": resume, "epochs": epochs, "batch_size": batch_size, "repeats": repeats,
         "lam": lam, "p": p, "learn_p": learn_p, "freeze_bn": freeze_bn,
         "train_blocks": train_blocks, "whiten": whiten, "select_best": select_best,
-        "validate_every": validate_every, "original_view": original_view, "lr": lr, "beta0": beta0,
+        "validate_every": validate_every, "original_view": original_view, "lr": lr,
+        "beta0": beta0,
         "beta_lr_factor": beta_lr_factor,
         "momentum": momentum, "weight_decay": weight_decay, "milestones": _milestones(milestones),
         "iters_per_epoch": iters_per_epoch, "augment": augment, "workers": workers,

@@ -131,6 +131,13 @@ def test_original_views_are_the_first_copy_of_each_group_as_index_sees_it(tmp_pa
     wide = AugmentedImages(dataset.files, build_augmentation("full", 300), 300)
     assert wide[(index, 5, True)][0].shape == (3, 300, 300)
 
+    # on by default when fine-tuning for copy detection, off for the paper's labelled recipe
+    from mgdedup.training.config import TrainConfig
+
+    assert TrainConfig(images="x", init="default").original_views
+    assert not TrainConfig(images="x", init="default", original_view=False).original_views
+    assert not TrainConfig(imagenet="x").original_views
+
 
 def test_cli_does_not_import_training_at_module_level():
     """Inference modules never import the training code; the CLI only inside `train`."""

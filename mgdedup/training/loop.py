@@ -545,7 +545,7 @@ class Trainer:
     def _loader(self) -> DataLoader:
         config = self.config
         return DataLoader(self.dataset, batch_sampler=SeededBatches(self.sampler, config.seed,
-                                                                 config.original_view),
+                                                                 config.original_views),
                           num_workers=config.workers, worker_init_fn=seed_worker,
                           pin_memory=self.device.type == "cuda",
                           persistent_workers=False)
