@@ -75,8 +75,8 @@ def train(
         "--select-best/--keep-last", help="With --images: hold a tenth of the images (at most "
                                           "100) out of training, score copy retrieval on them "
                                           "at the start and after each epoch, and write the "
-                                          "best model (default), never one worse than the "
-                                          "initial model; --keep-last trains on every image "
+                                          "best model (default): never one that retrieves "
+                                          "them worse than the initial model; --keep-last trains on every image "
                                           "and writes the last model.")] = None,
     original_view: Annotated[bool | None, typer.Option(
         "--original-view/--augmented-only", help="The first of the m copies of each image in "

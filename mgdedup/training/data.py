@@ -202,8 +202,8 @@ class AugmentedImages(Dataset):
 
 def original_view(image: Image.Image, resolution: int) -> Tensor:
     """(3, s, s) in [0, 1]: the test protocol's view of `image` at s* = s <= 224 (resize to
-    256/224 s, centre crop s); above 224, where `index` keeps the aspect ratio, the same
-    resize-and-crop, since a batch needs square images."""
+    256/224 s, centre crop s); above 224, where `index` keeps the whole image, the shorter
+    side resized to s and a centred s x s crop, since a batch needs square images."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     if resolution > CROP_RESOLUTION_MAX:
@@ -269,11 +269,17 @@ class SeededBatches(Sampler[list[tuple[int, ...]]]):
     def __len__(self) -> int:
         return self.sampler.num_remaining
 
+    def marks(self, position: int) -> bool:
+        """Whether batch position `position` is an original view (never with m = 1: an image
+        alone in its group stays augmented)."""
+        repeats = self.sampler.repeats
+        return self.original_views and repeats > 1 and position % repeats == 0
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         s = self.sampler
         for iteration, batch in enumerate(iter(s), start=s.start_iteration):
             yield [(index, augmentation_seed(self.seed, s.epoch, iteration, s.rank, position))
-                   + ((True,) if self.original_views and position % s.repeats == 0 else ())
+                   + ((True,) if self.marks(position) else ())
                    for position, index in enumerate(batch)]
 
 
