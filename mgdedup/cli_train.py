@@ -191,7 +191,8 @@ class _Reporter:
             self.epochs = int(record["epochs"])
             err.print(f"{'resuming' if event == 'resume' else 'training'} on "
                       f"{record['images']} images, {record['world_size']} process(es), "
-                      f"{record['iters_per_epoch']} iterations per epoch, {self.epochs} epochs",
+                      f"{record['iters_per_epoch']} iterations per epoch, {self.epochs} "
+                      f"epoch{'s' if self.epochs != 1 else ''}",
                       highlight=False, soft_wrap=True)
         elif event == "epoch_start":
             if self.task is not None:
@@ -220,10 +221,10 @@ class _Reporter:
                     f"queries")
             err.print(line + (" (best so far)" if record["best"] else ""), highlight=False,
                       soft_wrap=True)
-        elif event == "selected":
-            err.print(f"writing the model of iteration {record['iteration']} (held-out copy "
-                      f"mAP {record['initial_map_whitened']:.4f} at the start, "
-                      f"{record['map_whitened']:.4f} then)", highlight=False, soft_wrap=True)
+        elif event == "selected" and record["iteration"] > 0:  # 0: the trainer warns
+            err.print(f"writing the model of iteration {record['iteration']}: held-out copy "
+                      f"mAP {record['initial_map_whitened']:.4f} -> "
+                      f"{record['map_whitened']:.4f}", highlight=False, soft_wrap=True)
         elif event == "epoch":
             self.last_epoch = record  # one line per epoch, also in SLURM logs (not a TTY)
             err.print(self.epoch_line(record), highlight=False, soft_wrap=True)

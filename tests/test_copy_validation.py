@@ -267,8 +267,32 @@ def test_cli_reports_held_out_retrieval_and_the_model_kept(photos, tmp_path):
     assert f"training on {MIN_IMAGES_FOR_HOLD_OUT - 8} images" in result.output
     assert "held-out copies at iteration 0: mAP" in result.output
     assert "held-out copies at iteration 1: mAP" in result.output
-    assert "writing the model of iteration" in result.output
+    selected = events(tmp_path / "t.run", "selected")[0]
+    if selected["iteration"] == 1:
+        assert "writing the model of iteration 1: held-out copy mAP" in result.output
+    else:
+        assert "did not improve copy retrieval" in result.output
     validations = events(tmp_path / "t.run", "copy_validation")
     assert [v["iteration"] for v in validations] == [0, 1]
     assert all(0.0 < v["map_whitened"] <= 1.0 and v["queries"] == 8 * 9 for v in validations)
     assert validations[0]["agreement"] == 1.0
+
+
+def test_cli_names_the_checkpoint_it_writes(photos, tmp_path, monkeypatch):
+    """When a checkpoint beats the initial model, the CLI says which one and by how much."""
+    calls: list[int] = []
+
+    def rising(validation, embed, device="cpu") -> CopyScore:
+        calls.append(len(calls))
+        return CopyScore(map_whitened=0.5 + 0.1 * len(calls), map_l2n=0.0, agreement=1.0,
+                         queries=len(validation.queries), database=1)
+
+    monkeypatch.setattr(CopyValidation, "score", rising)
+    result = run("train", "--images", photos, "--init", "default", "--out", tmp_path / "t.pt",
+                 "--epochs", "2", "--iters-per-epoch", "1", "--batch-size", "6",
+                 "--resolution", "32", "--no-whiten", "--workers", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 3
+    assert "writing the model of iteration 2: held-out copy mAP 0.6000 -> 0.8000" \
+        in result.output
+    assert "did not improve" not in result.output
