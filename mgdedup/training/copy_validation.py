@@ -98,7 +98,8 @@ class CopyScore:
 def reciprocal_ranks(queries: np.ndarray, owners: np.ndarray, database: np.ndarray
                      ) -> np.ndarray:
     """Per query, 1 / rank of its own database entry (row `owners[q]`) by inner product;
-    ties count against the query (a database entry as similar as the positive ranks first)."""
+    only strictly more similar entries rank above it, so an exact duplicate of the original
+    among the distractors (common in real folders) does not count as a miss."""
     sims = queries @ database.T
     own = sims[np.arange(len(queries)), owners]
     return 1.0 / ((sims > own[:, None]).sum(axis=1) + 1)
