@@ -46,8 +46,9 @@ MIN_IMAGES_FOR_HOLD_OUT = 40
 DISTRACTORS = 200
 AUGMENTED_COPIES = 4
 #: a checkpoint whose ImageNet top-1 agrees with the initial model's on fewer held-out images
-#: than this is not kept, however well it retrieves copies: classification must survive
-MIN_AGREEMENT = 0.9
+#: than this is not kept, however well it retrieves copies: classification must survive. At
+#: 0.9 a run passed with 0.92 on its held-out tenth and 0.88 on 200 other photos (BENCHMARKS.md)
+MIN_AGREEMENT = 0.95
 BATCH = 32
 
 #: (B, 3, H, W) float images in [0, 1] -> (GeM vectors, logits)
