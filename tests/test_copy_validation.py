@@ -125,13 +125,14 @@ def test_score_matches_a_reference_computation(tmp_path):
                                           abs=1e-6)
     assert score.map_whitened == pytest.approx(_reference_map(q, validation.owners, db, True),
                                                abs=1e-4)
-    assert score.agreement == 1.0  # the first model scored is the reference
+    assert score.agreement == 1.0  # no reference classes given
 
     other = _projection_embed(5)
     expected_top1 = embed(torch.stack(validation.originals).float() / 255.0)[1].argmax(1)
     other_top1 = other(torch.stack(validation.originals).float() / 255.0)[1].argmax(1)
     expected = float((expected_top1 == other_top1).double().mean())
-    assert validation.score(other).agreement == pytest.approx(expected)
+    assert score.top1 == expected_top1.tolist()
+    assert validation.score(other, reference_top1=score.top1).agreement == pytest.approx(expected)
 
 
 def test_unreadable_held_out_image_is_skipped(tmp_path, caplog):
@@ -171,7 +172,8 @@ class ScriptedScores:
 
     def install(self, monkeypatch) -> ScriptedScores:
         monkeypatch.setattr(CopyValidation, "score",
-                            lambda validation, embed, device="cpu": self(validation))
+                            lambda validation, embed, device="cpu", reference_top1=None:
+                            self(validation))
         return self
 
     def __call__(self, validation: CopyValidation) -> CopyScore:
@@ -282,7 +284,7 @@ def test_cli_names_the_checkpoint_it_writes(photos, tmp_path, monkeypatch):
     """When a checkpoint beats the initial model, the CLI says which one and by how much."""
     calls: list[int] = []
 
-    def rising(validation, embed, device="cpu") -> CopyScore:
+    def rising(validation, embed, device="cpu", reference_top1=None) -> CopyScore:
         calls.append(len(calls))
         return CopyScore(map_whitened=0.5 + 0.1 * len(calls), map_l2n=0.0, agreement=1.0,
                          queries=len(validation.queries), database=1)

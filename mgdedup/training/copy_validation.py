@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +87,10 @@ class CopyScore:
 
     map_whitened: float  # what selection uses: whitened descriptors, as `index` stores them
     map_l2n: float  # l2n(g), no whitening
-    agreement: float  # top-1 agreement with the initial model on the held-out originals
+    agreement: float  # top-1 agreement with the reference classes on the held-out originals
     queries: int
     database: int
+    top1: list[int] = field(default_factory=list)  # classes of the held-out originals
 
     def to_dict(self) -> dict[str, float | int]:
         return {"map_whitened": self.map_whitened, "map_l2n": self.map_l2n,
@@ -141,7 +142,6 @@ class CopyValidation:
         self.owners = np.asarray(owners, dtype=np.int64)
         self.distractors = [_pixels(image, self.resolution) for image in
                             (self._open(p, decode_size) for p in distractors) if image is not None]
-        self.initial_top1: Tensor | None = None
 
     @staticmethod
     def _open(path: Path, decode_size: tuple[int, int]) -> Image.Image | None:
@@ -173,9 +173,11 @@ class CopyValidation:
         return torch.cat(gs), torch.cat(logits)
 
     @torch.no_grad()
-    def score(self, embed: EmbedFn, device: torch.device | str = "cpu") -> CopyScore:
+    def score(self, embed: EmbedFn, device: torch.device | str = "cpu",
+              reference_top1: Sequence[int] | None = None) -> CopyScore:
         """mAP of the copies against originals + distractors, whitened and not, and top-1
-        agreement with the first model scored (the initial one)."""
+        agreement on the originals with `reference_top1` (the initial model's `top1`; 1.0
+        without one)."""
         device = torch.device(device)
         g_orig, logits = self._embed(embed, self.originals, device)
         g_query, _ = self._embed(embed, self.queries, device)
@@ -195,8 +197,8 @@ class CopyValidation:
         rr_white = reciprocal_ranks(whiten(x_query), self.owners, whiten(x_db))
         rr_l2n = reciprocal_ranks(x_query, self.owners, x_db)
         top1 = logits.argmax(dim=1)
-        if self.initial_top1 is None:
-            self.initial_top1 = top1
-        agreement = float((top1 == self.initial_top1).double().mean())
+        agreement = 1.0 if reference_top1 is None else \
+            float((top1 == torch.as_tensor(reference_top1)).double().mean())
         return CopyScore(map_whitened=float(rr_white.mean()), map_l2n=float(rr_l2n.mean()),
-                         agreement=agreement, queries=len(self.queries), database=len(x_db))
+                         agreement=agreement, queries=len(self.queries), database=len(x_db),
+                         top1=[int(v) for v in top1.tolist()])

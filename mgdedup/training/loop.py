@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mgdedup.checkpoint import model_from_dict, save_model
+from mgdedup.checkpoint import load_model_file, model_from_dict, save_model
 from mgdedup.errors import MgdedupError
 from mgdedup.model import ModelInfo, MultiGrainModel
 from mgdedup.pooling import GeM
@@ -304,7 +304,7 @@ class Trainer:
         self.copy_validation: CopyValidation | None = None
         self.initial_score: dict | None = None  # held-out copy retrieval of the initial model
         self.best: dict | None = None  # ... and of the best model so far (in best.pt)
-        self.initial_top1: list[int] | None = None
+        self.initial_top1: list[int] | None = None  # its classes: the agreement reference
         self.labelled = not config.finetuning
         self.dataset = AugmentedImages(self.train_files,
                                        build_augmentation(config.augment, config.resolution),
@@ -712,8 +712,6 @@ class Trainer:
             step = max(1, len(paths) // DISTRACTORS)
             self.copy_validation = CopyValidation(self.held_out, paths[::step][:DISTRACTORS],
                                                   self.config.resolution, seed=self.config.seed)
-            if self.initial_top1 is not None:
-                self.copy_validation.initial_top1 = torch.tensor(self.initial_top1)
             if not len(self.copy_validation):
                 log.warning("none of the held-out images could be read: the model of the last "
                             "iteration is kept")
@@ -726,11 +724,11 @@ class Trainer:
 
         self.net.eval()
         with torch.no_grad():
-            score = self.copy_validation.score(embed, self.device).to_dict()
+            scored = self.copy_validation.score(embed, self.device, self.initial_top1)
         self.net.train()
-        reference = self.copy_validation.initial_top1
-        if self.initial_top1 is None and reference is not None:  # kept for a resume
-            self.initial_top1 = [int(v) for v in reference.tolist()]
+        if self.initial_top1 is None:  # the first model scored is the initial one
+            self.initial_top1 = scored.top1
+        score = scored.to_dict()
         record = {**score, "iteration": self.iteration, "epoch": self.epoch}
         if self.initial_score is None:
             self.initial_score = record
@@ -750,8 +748,6 @@ class Trainer:
         if best is None or initial is None:
             return
         if best["iteration"] != self.iteration:
-            from mgdedup.checkpoint import load_model_file
-
             path = self.run_dir / BEST_NAME
             try:
                 chosen = load_model_file(path)
