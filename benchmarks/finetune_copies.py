@@ -56,6 +56,7 @@ from mgdedup.registry import load_model
 from mgdedup.scan import scan_images
 from mgdedup.synthetic import EDITS, random_scene
 from mgdedup.training.config import TrainConfig
+from mgdedup.training.copy_validation import reciprocal_ranks as copy_reciprocal_ranks
 from mgdedup.training.loop import Trainer
 from mgdedup.transforms import resize_for_resolution, to_tensor
 
@@ -91,11 +92,9 @@ def embed(model: MultiGrainModel, images: list[Image.Image], resolution: int
 
 def reciprocal_ranks(queries: torch.Tensor, query_owner: np.ndarray, database: torch.Tensor
                      ) -> np.ndarray:
-    """Per query: 1 / rank of the query's original among the originals."""
-    sims = queries @ database.T  # (Q, N)
-    own = sims[torch.arange(len(queries)), torch.from_numpy(query_owner)]
-    ranks = (sims > own[:, None]).sum(dim=1) + 1
-    return (1.0 / ranks.double()).numpy()
+    """Per query: 1 / rank of the query's original among the originals (the same rule as
+    `train --images`' own held-out validation)."""
+    return copy_reciprocal_ranks(queries.numpy(), query_owner, database.numpy())
 
 
 def retrieval_map(queries: torch.Tensor, query_owner: np.ndarray, database: torch.Tensor
