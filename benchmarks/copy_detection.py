@@ -6,7 +6,7 @@ Usage: python benchmarks/copy_detection.py PHOTOS_DIR [--resolution 500] [--cach
 Photos are split by a hash of their path: 75% fit the whitening (with --synthetic generated
 scenes, so graphics are covered too), 25% are evaluated; a generated held-out set with planted
 copies is evaluated as well. Each
-evaluated photo gets the five planted edits of `mgdedup.synthetic.EDITS` (crop, JPEG 30, 1/3
+evaluated photo gets the five planted edits of `mgdedup.imaging.synthetic.EDITS` (crop, JPEG 30, 1/3
 size, mirror, brightness); every pair of evaluated images is scored, positives being an
 original with its copies and copies among themselves. Reported per variant (raw l2n(g),
 centred, PCA whitening of several sizes): micro-AP over all pairs, the threshold reaching
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgdedup.calibration import pair_metrics, write_edited_copies
-from mgdedup.embed import Embedder
-from mgdedup.registry import DEFAULT_MODEL, load_model
-from mgdedup.scan import scan_images
-from mgdedup.synthetic import make_collection
-from mgdedup.whitening import Whitening, compact_floored, fit_whitening
+from mgdedup.embedding.embedder import Embedder
+from mgdedup.imaging.edits import pair_metrics, write_edited_copies
+from mgdedup.imaging.scan import scan_images
+from mgdedup.imaging.synthetic import make_collection
+from mgdedup.model.registry import DEFAULT_MODEL, load_model
+from mgdedup.model.whitening import Whitening, compact_floored, fit_whitening
 
 RESERVED = ("tuxpaint", "lxqt")  # wallpaper / Tux Paint material is reserved for evaluation
 

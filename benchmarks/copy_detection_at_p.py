@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import copy_detection
 
-from mgdedup import registry
+from mgdedup.model import registry
 
 
 def main() -> None:

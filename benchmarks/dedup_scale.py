@@ -65,7 +65,7 @@ def cpu_seconds() -> float:
 def generate(idx_dir: Path, rows: int, dim: int, dup_fraction: float, threshold: float,
              seed: int) -> dict[str, np.ndarray]:
     """Write the rows to idx_dir/embeddings.h5; return the planted pairs and their cosines."""
-    from mgdedup.store import IndexMeta, IndexStore, RowBatch
+    from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, dim), dtype=np.float32)
@@ -96,26 +96,26 @@ def generate(idx_dir: Path, rows: int, dim: int, dup_fraction: float, threshold:
 
 
 def step_build(idx_dir: str, factory: str, nprobe: int | None, queue: mp.Queue) -> None:
-    import mgdedup.search
-    from mgdedup.search import ensure_index, resolve_factory
-    from mgdedup.store import IndexStore
+    import mgdedup.index.faiss_index
+    from mgdedup.index.faiss_index import ensure_index, resolve_factory
+    from mgdedup.index.store import IndexStore
 
     if nprobe is not None:  # saved with the index, so the dedup step uses it too
-        mgdedup.search.DEFAULT_NPROBE = nprobe
+        mgdedup.index.faiss_index.DEFAULT_NPROBE = nprobe
     t0 = time.perf_counter()
     with IndexStore.open(Path(idx_dir) / "embeddings.h5") as store:
         kind = resolve_factory(factory, len(store))
         index = ensure_index(idx_dir, store, kind)
-    queue.put({"cpu_s": round(cpu_seconds(), 1), "factory": kind, "nprobe": mgdedup.search.DEFAULT_NPROBE if "IVF" in kind
+    queue.put({"cpu_s": round(cpu_seconds(), 1), "factory": kind, "nprobe": mgdedup.index.faiss_index.DEFAULT_NPROBE if "IVF" in kind
                else None, "ntotal": int(index.ntotal),
                "seconds": round(time.perf_counter() - t0, 1),
                "peak_rss_mib": round(peak_rss_mib())})
 
 
 def step_dedup(idx_dir: str, threshold: float, out: str, queue: mp.Queue) -> None:
-    from mgdedup.grouping import keeper_order, star_groups
-    from mgdedup.search import ensure_index, range_pairs
-    from mgdedup.store import IndexStore
+    from mgdedup.duplicates.grouping import keeper_order, star_groups
+    from mgdedup.index.faiss_index import ensure_index, range_pairs
+    from mgdedup.index.store import IndexStore
 
     idle = peak_rss_mib()
     t0 = time.perf_counter()
@@ -140,7 +140,7 @@ def step_dedup(idx_dir: str, threshold: float, out: str, queue: mp.Queue) -> Non
 
 def step_find_duplicates(idx_dir: str, threshold: float, queue: mp.Queue) -> None:
     """`mgdedup dedup` as the CLI runs it (find_duplicates: file facts, decisions, groups)."""
-    from mgdedup.dedup import find_duplicates
+    from mgdedup.duplicates.find import find_duplicates
 
     t0 = time.perf_counter()
     result = find_duplicates(Path(idx_dir), threshold)
@@ -151,7 +151,7 @@ def step_find_duplicates(idx_dir: str, threshold: float, queue: mp.Queue) -> Non
 def step_dense(idx_dir: str, n: int, threshold: float, queue: mp.Queue) -> None:
     """The dense baseline: the full similarity matrix, thresholded (imagededup computes the
     whole cosine matrix the same way before reading pairs from it)."""
-    from mgdedup.store import IndexStore
+    from mgdedup.index.store import IndexStore
 
     with IndexStore.open(Path(idx_dir) / "embeddings.h5") as store:
         x = store.embeddings(0, n)
@@ -178,8 +178,8 @@ def in_child(target, *args) -> dict:
 
 def exact_pairs_of(idx_dir: Path, queries: np.ndarray, threshold: float) -> set[tuple[int, int]]:
     """All pairs (query row, any row) >= threshold, by exact blocked search."""
-    from mgdedup.search import _range_flat
-    from mgdedup.store import IndexStore
+    from mgdedup.index.faiss_index import _range_flat
+    from mgdedup.index.store import IndexStore
 
     t = np.float32(threshold)
     radius = float(np.nextafter(t, np.float32(-np.inf)))
@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--dense-budget-gb", type=float, default=4.0)
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--find-duplicates", action="store_true",
-                        help="also time mgdedup.dedup.find_duplicates end to end")
+                        help="also time mgdedup.duplicates.find.find_duplicates end to end")
     parser.add_argument("--exact-queries", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None,

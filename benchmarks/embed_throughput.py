@@ -4,7 +4,7 @@ Usage: python benchmarks/embed_throughput.py [--images 48] [--source FOLDER]
            [--resolutions 224,500] [--workers auto,1] [--backend auto] [--repeats 1]
 
 In one run, for each s*:
-  index     `mgdedup.indexer.update_index` into a fresh temporary index (scan, decode with JPEG
+  index     `mgdedup.index.build.update_index` into a fresh temporary index (scan, decode with JPEG
             draft scaling and, with ONNX Runtime, the forward pass in DataLoader workers, HDF5
             write, FAISS build): the CLI path. --workers auto is what `index` picks; 1 with
             ONNX Runtime is one worker doing both.
@@ -46,14 +46,14 @@ import torch
 from PIL import Image
 
 from mgdedup.cpus import available_cpus
-from mgdedup.embed import Embedder, default_workers, preferred_backend
-from mgdedup.indexer import update_index
-from mgdedup.model import MultiGrainModel
-from mgdedup.onnx_runtime import OnnxTrunk
-from mgdedup.pooling import gem
-from mgdedup.registry import DEFAULT_MODEL, load_model
-from mgdedup.synthetic import random_scene
-from mgdedup.transforms import resize_for_resolution, to_tensor
+from mgdedup.embedding.embedder import Embedder, default_workers, preferred_backend
+from mgdedup.embedding.onnx_trunk import OnnxTrunk
+from mgdedup.imaging.synthetic import random_scene
+from mgdedup.imaging.transforms import resize_for_resolution, to_tensor
+from mgdedup.index.build import update_index
+from mgdedup.model.multigrain import MultiGrainModel
+from mgdedup.model.pooling import gem
+from mgdedup.model.registry import DEFAULT_MODEL, load_model
 
 SIZE = (4000, 3000)
 RESERVED = ("tuxpaint", "lxqt")  # reserved material: never used here

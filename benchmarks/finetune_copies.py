@@ -7,7 +7,7 @@ Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 400] [--held
        [--keep-last] [--validate-every N] [--curve] [--no-original-view]
        [--tuned W/tuned.pt (evaluate an earlier run again, no training)]
 
-1. Training images: generated scenes (mgdedup.synthetic.random_scene), plus, with --photos,
+1. Training images: generated scenes (mgdedup.imaging.synthetic.random_scene), plus, with --photos,
    3/4 of the real photos in DIR (split by a hash of the path; tuxpaint/ and lxqt/ are
    excluded, that material is reserved).
 2. Fine-tune the default model (EfficientNet-Lite0) with `run_training`: margin loss on RA
@@ -15,7 +15,7 @@ Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 400] [--held
 3. On held-out images that training never saw (other generated scenes; with --photos the other
    1/4 of the photos), compare the initial and the fine-tuned model:
    - copy retrieval: each held-out original gets C "full"-augmentation copies
-     (mgdedup.augment.augmented_copy) and one of each planted edit (mgdedup.synthetic.EDITS);
+     (mgdedup.imaging.augment.augmented_copy) and one of each planted edit (mgdedup.imaging.synthetic.EDITS);
      a copy queries the originals; mAP with one positive per query (= mean 1/rank), and
      the change on the same queries with a 95 % bootstrap interval over originals;
    - classifier: top-1 agreement of the fine-tuned model with the initial one on the held-out
@@ -47,18 +47,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mgdedup.augment import augmented_copy
-from mgdedup.checkpoint import load_model_file
-from mgdedup.fit_whitening import whiten_model
-from mgdedup.imageio import ImageReadError, open_rgb
-from mgdedup.model import MultiGrainModel
-from mgdedup.registry import load_model
-from mgdedup.scan import scan_images
-from mgdedup.synthetic import EDITS, random_scene
+from mgdedup.imaging.augment import augmented_copy
+from mgdedup.imaging.reading import ImageReadError, open_rgb
+from mgdedup.imaging.scan import scan_images
+from mgdedup.imaging.synthetic import EDITS, random_scene
+from mgdedup.imaging.transforms import resize_for_resolution, to_tensor
+from mgdedup.model.model_file import load_model_file
+from mgdedup.model.multigrain import MultiGrainModel
+from mgdedup.model.registry import load_model
 from mgdedup.training.config import TrainConfig
 from mgdedup.training.copy_validation import reciprocal_ranks as copy_reciprocal_ranks
 from mgdedup.training.loop import Trainer
-from mgdedup.transforms import resize_for_resolution, to_tensor
+from mgdedup.tuning.whiten import whiten_model
 
 RESERVED = ("tuxpaint", "lxqt")
 P = 3.0

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mgdedup.indexer import update_index
-from mgdedup.registry import DEFAULT_MODEL, load_model
+from mgdedup.index.build import update_index
+from mgdedup.model.registry import DEFAULT_MODEL, load_model
 
 
 def main() -> None:

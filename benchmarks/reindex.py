@@ -50,12 +50,12 @@ def write_files(folder: Path, count: int) -> None:
 
 
 def build_first_index(folder: Path, idx_dir: Path, resolution: int) -> int:
-    from mgdedup.indexer import model_meta
-    from mgdedup.locate import FAISS_NAME, H5_NAME
-    from mgdedup.registry import canonical_spec, load_model
-    from mgdedup.scan import file_digest, scan_images
-    from mgdedup.search import build_index, resolve_factory, save_index
-    from mgdedup.store import IndexStore, RowBatch
+    from mgdedup.imaging.scan import file_digest, scan_images
+    from mgdedup.index.build import model_meta
+    from mgdedup.index.faiss_index import build_index, resolve_factory, save_index
+    from mgdedup.index.layout import FAISS_NAME, H5_NAME
+    from mgdedup.index.store import IndexStore, RowBatch
+    from mgdedup.model.registry import canonical_spec, load_model
 
     spec = canonical_spec(None)
     model = load_model(spec)
@@ -124,7 +124,7 @@ def main() -> None:
         report["reindex_cpu_s"] = cpu  # user + system: what a busy machine does not inflate
         report["summary_line"] = done.stderr.strip()
         t0, c0 = time.perf_counter(), child_cpu()
-        startup = "import mgdedup.cli; from mgdedup.registry import load_model; load_model()"
+        startup = "import mgdedup.cli; from mgdedup.model.registry import load_model; load_model()"
         subprocess.run([sys.executable, "-c", startup], env=env, check=True)
         report["startup_and_model_load_s"] = round(time.perf_counter() - t0, 2)
         report["startup_and_model_load_cpu_s"] = round(child_cpu() - c0, 2)
@@ -138,8 +138,8 @@ def main() -> None:
 
 def profile(folder: Path, idx: Path, resolution: int) -> list[str]:
     """Top functions (cumulative) of one in-process unchanged update."""
-    from mgdedup.indexer import update_index
-    from mgdedup.registry import canonical_spec, load_model
+    from mgdedup.index.build import update_index
+    from mgdedup.model.registry import canonical_spec, load_model
 
     spec = canonical_spec(None)
     model = load_model(spec)

@@ -5,7 +5,7 @@ Usage: python benchmarks/score_normalisation.py PHOTOS_DIR [--resolution 224] [-
 
 Set: `--families` real photos (the copy_detection benchmark's held-out quarter, by a hash of
 the path; tuxpaint/ and lxqt/ excluded: reserved), each with `--copies` copies made by the
-"full" augmentation (`mgdedup.augment.augmented_copy` at s*, seeds fixed), plus
+"full" augmentation (`mgdedup.imaging.augment.augmented_copy` at s*, seeds fixed), plus
 `--distractors` photos from the other quarters without copies. Every pair of the set is
 scored; positives are pairs within a family (photo + its copies). The background of the
 normalisation is the set itself, as `mgdedup dedup --score-norm` uses the collection.
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mgdedup.augment import augmented_copy
-from mgdedup.embed import Embedder
+from mgdedup.duplicates.score_norm import ScoreNorm, background_from_neighbours
+from mgdedup.embedding.embedder import Embedder
 from mgdedup.evaluation.metrics import micro_ap
-from mgdedup.imageio import ImageReadError, open_rgb
-from mgdedup.registry import DEFAULT_MODEL, load_model
-from mgdedup.scan import scan_images
-from mgdedup.score_norm import ScoreNorm, background_from_neighbours
-from mgdedup.synthetic import EDITS
+from mgdedup.imaging.augment import augmented_copy
+from mgdedup.imaging.reading import ImageReadError, open_rgb
+from mgdedup.imaging.scan import scan_images
+from mgdedup.imaging.synthetic import EDITS
+from mgdedup.model.registry import DEFAULT_MODEL, load_model
 
 RESERVED = ("tuxpaint", "lxqt")
 VARIANTS = [ScoreNorm(skip, k, beta) for skip, k in ((0, 1), (0, 10), (2, 8), (5, 10), (10, 10))

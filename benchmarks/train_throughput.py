@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mgdedup.augment import FullAugmentation
-from mgdedup.synthetic import random_scene
+from mgdedup.imaging.augment import FullAugmentation
+from mgdedup.imaging.synthetic import random_scene
 from mgdedup.training.config import TrainConfig
 from mgdedup.training.loop import Trainer
 

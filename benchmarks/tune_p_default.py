@@ -3,7 +3,7 @@
 Usage: python benchmarks/tune_p_default.py PHOTOS_DIR [--k 300] [--seed 0]
        [--resolutions 224,500] [--grid 1,1.5,...] [--out result.json]
 
-The same measurement as `mgdedup tune-p` (mgdedup.tune_p.tune), on a flat seeded pick of k
+The same measurement as `mgdedup tune-p` (mgdedup.tuning.p_star.tune), on a flat seeded pick of k
 photos (tuxpaint/ and lxqt/ excluded: reserved for independent evaluation), with a finer
 grid and all three metrics printed as a Markdown table for BENCHMARKS.md. p* is chosen on the
 integer grid 1..10 (the paper's protocol); half steps are reported for information.
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from mgdedup.evaluation.inaug import build_inaug
-from mgdedup.registry import DEFAULT_MODEL, load_model
-from mgdedup.tune_p import best_p, score_grid
+from mgdedup.model.registry import DEFAULT_MODEL, load_model
+from mgdedup.tuning.p_star import best_p, score_grid
 
 RESERVED = ("tuxpaint", "lxqt")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mgdedup.synthetic import PlantedCollection, make_collection
+from mgdedup.imaging.synthetic import PlantedCollection, make_collection
 
 
 @pytest.fixture

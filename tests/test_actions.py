@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgdedup.actions import (
+from mgdedup.duplicates.actions import (
     SKIP,
     Action,
     apply_plan,
@@ -22,12 +22,12 @@ from mgdedup.actions import (
     plan_actions,
     undo,
 )
-from mgdedup.dedup import DedupResult, find_duplicates
+from mgdedup.duplicates.find import DedupResult, find_duplicates
 from mgdedup.errors import MgdedupError
-from mgdedup.locate import H5_NAME
-from mgdedup.scan import file_digest
-from mgdedup.store import IndexStore
-from mgdedup.synthetic import random_scene
+from mgdedup.imaging.scan import file_digest
+from mgdedup.imaging.synthetic import random_scene
+from mgdedup.index.layout import H5_NAME
+from mgdedup.index.store import IndexStore
 
 ORIGINALS = 3
 
@@ -36,8 +36,8 @@ ORIGINALS = 3
 def template(tmp_path_factory) -> Path:
     """photos/ with generated scenes, exact copies in sub/deep/ and resized JPEGs in small/, indexed
     ONCE; tests work on copies of this folder."""
-    from mgdedup.indexer import update_index
-    from mgdedup.registry import load_model
+    from mgdedup.index.build import update_index
+    from mgdedup.model.registry import load_model
 
     base = tmp_path_factory.mktemp("template")
     root = base / "photos"

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mgdedup.augment import (
+from mgdedup.imaging.augment import (
     LIGHTING_EIGENVALUES,
     LIGHTING_EIGENVECTORS,
     FullAugmentation,

@@ -18,7 +18,9 @@ import pytest
 from conftest import family_of
 from typer.testing import CliRunner
 
-from mgdedup.calibrate import (
+from mgdedup.cli import app
+from mgdedup.duplicates.find import find_duplicates
+from mgdedup.duplicates.precision import (
     CALIBRATION_NAME,
     DEFAULT_TARGETS,
     calibrate_index,
@@ -28,14 +30,12 @@ from mgdedup.calibrate import (
     precision_curve,
     save_calibration,
 )
-from mgdedup.cli import app
-from mgdedup.dedup import find_duplicates
-from mgdedup.indexer import update_index
-from mgdedup.locate import H5_NAME
-from mgdedup.registry import load_model
-from mgdedup.score_norm import ScoreNorm
-from mgdedup.store import IndexStore
-from mgdedup.synthetic import make_collection
+from mgdedup.duplicates.score_norm import ScoreNorm
+from mgdedup.imaging.synthetic import make_collection
+from mgdedup.index.build import update_index
+from mgdedup.index.layout import H5_NAME
+from mgdedup.index.store import IndexStore
+from mgdedup.model.registry import load_model
 
 RESOLUTION = 128
 SIZE = (640, 480)
@@ -104,7 +104,7 @@ def _pairs(index_dir, collection, norm: ScoreNorm | None):
     sim = x @ x.T
     i, j = np.triu_indices(len(x), k=1)
     scores = sim[i, j]
-    if norm is not None:  # brute force, independent of mgdedup.score_norm
+    if norm is not None:  # brute force, independent of mgdedup.duplicates.score_norm
         ranked = sim.copy()
         np.fill_diagonal(ranked, -np.inf)
         ranked = -np.sort(-ranked, axis=1)
@@ -146,7 +146,7 @@ def _fake(index_dir, threshold: float, norm: ScoreNorm | None = None, rows: int 
     """A stored calibration whose curve reaches precision 0.95 exactly at `threshold`."""
     with IndexStore.open(index_dir / H5_NAME) as store:
         meta, count = store.meta, len(store)
-    from mgdedup.calibrate import Calibration
+    from mgdedup.duplicates.precision import Calibration
 
     calibration = Calibration(
         mode=mode_key(norm), model_id=meta.model_id, whitening_id=meta.whitening_id,
@@ -163,7 +163,7 @@ def test_dedup_precision_uses_the_stored_calibration(calibration_set, monkeypatc
     _, index_dir = calibration_set
     _fake(index_dir, 0.7777, ScoreNorm())  # --precision scores normalised by default
     _fake(index_dir, 0.8888)  # ... and --no-score-norm reads the cosine entry
-    import mgdedup.calibrate as module
+    import mgdedup.duplicates.precision as module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a fresh stored calibration must not be recomputed")
@@ -197,7 +197,7 @@ def test_stale_or_missing_calibration_is_recomputed(calibration_set, monkeypatch
     with IndexStore.open(index_dir / H5_NAME) as store:
         assert load_calibration(index_dir, "cosine").stale_reason(store.meta, len(store))
     calls = []
-    import mgdedup.calibrate as module
+    import mgdedup.duplicates.precision as module
 
     def fake_calibrate(where, **options):
         calls.append(options)

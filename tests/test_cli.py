@@ -15,8 +15,8 @@ from cli_helpers import one_line_error, run
 from conftest import copy_tree, family_of
 from PIL import Image
 
-from mgdedup.embed import Embedder
-from mgdedup.synthetic import random_scene
+from mgdedup.embedding.embedder import Embedder
+from mgdedup.imaging.synthetic import random_scene
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_dedup_finds_planted_copies_without_mixing(indexed, planted):
     result = run("dedup", "--index", indexed / ".mgdedup", "--format", "json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    from mgdedup.registry import load_model
+    from mgdedup.model.registry import load_model
 
     # the default threshold is the one measured for the model's descriptors at this resolution
     threshold = load_model().default_threshold(500)
@@ -161,7 +161,7 @@ def test_reindex_is_incremental(planted, tmp_path, monkeypatch):
     assert third.exit_code == 0
     assert sum(calls) == 2, third.stderr
     assert "2 indexed" in third.stderr and "2 removed" in third.stderr
-    from mgdedup.store import IndexStore
+    from mgdedup.index.store import IndexStore
 
     with IndexStore.open(folder / ".mgdedup" / "embeddings.h5") as store:
         paths = sorted(store.read("paths"))
@@ -234,7 +234,7 @@ def test_whiten_writes_a_model_that_indexes_and_classifies_exactly(planted, tmp_
     again = run("whiten", folder, "--resolution", "224", "--out", model_file)
     one_line_error(again, "exists")  # never overwritten
 
-    from mgdedup.checkpoint import load_model_file
+    from mgdedup.model.model_file import load_model_file
 
     whitened = load_model_file(model_file)
     assert 224 in whitened.whitenings and whitened.whitenings[224].dim == 1280

@@ -13,7 +13,7 @@ import torch
 from cli_helpers import run
 from training_helpers import make_unlabelled, state_digest
 
-from mgdedup.checkpoint import load_model_file
+from mgdedup.model.model_file import load_model_file
 from mgdedup.training import copy_validation
 from mgdedup.training.config import TrainConfig
 from mgdedup.training.copy_validation import (

@@ -7,7 +7,7 @@ with image_size=None; its default static padding is only right at 224x224.
 import pytest
 import torch
 
-from mgdedup.trunks.efficientnet_lite import (
+from mgdedup.model.trunks.efficientnet_lite import (
     EfficientNetLite0,
     efficientnet_lite0,
     load_package_state_dict,

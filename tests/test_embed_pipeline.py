@@ -8,14 +8,14 @@ import pytest
 import torch
 from conftest import photo
 
-from mgdedup.embed import (
+from mgdedup.embedding.embedder import (
     DecodedImage,
     Embedder,
     WorkerForward,
 )
-from mgdedup.onnx_runtime import OnnxTrunk
-from mgdedup.registry import DEFAULT_MODEL, load_model
-from mgdedup.transforms import load_for_embedding
+from mgdedup.embedding.onnx_trunk import OnnxTrunk
+from mgdedup.imaging.transforms import load_for_embedding
+from mgdedup.model.registry import DEFAULT_MODEL, load_model
 
 # s* = 256 > 224 keeps aspect ratios: several shapes in one batch, some repeated
 SIZES = [(640, 480), (480, 640), (640, 480), (600, 451), (640, 480), (360, 800), (301, 227)]

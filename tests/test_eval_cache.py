@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import photo
 
-from mgdedup.embed import Embedder
+from mgdedup.embedding.embedder import Embedder
 from mgdedup.evaluation import runner
 from mgdedup.evaluation.cache import EmbeddingCache, Item
-from mgdedup.registry import load_model
-from mgdedup.store import IndexStore
+from mgdedup.index.store import IndexStore
+from mgdedup.model.registry import load_model
 
 RESOLUTION = 64
 

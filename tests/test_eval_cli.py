@@ -13,11 +13,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mgdedup.cli import app
-from mgdedup.embed import Embedder
+from mgdedup.embedding.embedder import Embedder
 from mgdedup.evaluation import metrics
 from mgdedup.evaluation.inaug import build_inaug, inaug_metrics
-from mgdedup.registry import load_model
-from mgdedup.transforms import resize_for_resolution, to_tensor
+from mgdedup.imaging.transforms import resize_for_resolution, to_tensor
+from mgdedup.model.registry import load_model
 
 runner = CliRunner()
 RESOLUTION = 64

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mgdedup.calibration import pair_metrics
 from mgdedup.evaluation import metrics
 from mgdedup.evaluation.metrics import (
     average_precision,
@@ -16,6 +15,7 @@ from mgdedup.evaluation.metrics import (
     topk_accuracy,
     ukb_score,
 )
+from mgdedup.imaging.edits import pair_metrics
 
 
 def test_average_precision_by_hand():

@@ -11,9 +11,9 @@ import pytest
 from cli_helpers import run
 from conftest import copy_tree, photo
 
-from mgdedup import search
-from mgdedup.dedup import find_duplicates
-from mgdedup.search import (
+from mgdedup.duplicates.find import find_duplicates
+from mgdedup.index import faiss_index
+from mgdedup.index.faiss_index import (
     AUTO_IVF_ROWS,
     auto_factory,
     build_index,
@@ -22,7 +22,7 @@ from mgdedup.search import (
     range_pairs,
     resolve_factory,
 )
-from mgdedup.store import IndexMeta, IndexStore, RowBatch
+from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 
 
 def planted_vectors(n: int = 6000, dim: int = 64, copies: int = 300, seed: int = 3
@@ -83,7 +83,7 @@ def test_ivf_self_join_returns_what_faiss_range_search_returns(monkeypatch) -> N
     index = build_index(x, x.shape[1], "IVF64,Flat")
     index.nprobe = 4  # few probes: some pairs are missed, and both must miss the same ones
     ours = range_pairs(index, [(0, x)], 0.5)
-    monkeypatch.setattr(search._IvfLists, "of", classmethod(lambda cls, index: None))
+    monkeypatch.setattr(faiss_index._IvfLists, "of", classmethod(lambda cls, index: None))
     theirs = range_pairs(index, [(0, x)], 0.5)
     assert set(zip(ours[0].tolist(), ours[1].tolist())) == \
         set(zip(theirs[0].tolist(), theirs[1].tolist()))

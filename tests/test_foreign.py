@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torchvision.models import resnet50
 
 from mgdedup.errors import MgdedupError
-from mgdedup.foreign import convert_state_dict
-from mgdedup.trunks.resnet import ResNet50Trunk
+from mgdedup.model.foreign import convert_state_dict
+from mgdedup.model.trunks.resnet import ResNet50Trunk
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

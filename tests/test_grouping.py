@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mgdedup.grouping import keeper_order, star_groups
+from mgdedup.duplicates.grouping import keeper_order, star_groups
 
 
 def _pairs(sim, threshold):

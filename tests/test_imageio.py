@@ -12,9 +12,9 @@ import pytest
 from conftest import photo
 from PIL import Image, ImageFile, ImageOps
 
-from mgdedup import imageio
 from mgdedup.errors import MgdedupError
-from mgdedup.imageio import ImageReadError, open_rgb, sniff_bytes, sniff_format
+from mgdedup.imaging import reading
+from mgdedup.imaging.reading import ImageReadError, open_rgb, sniff_bytes, sniff_format
 
 RED, WHITE, BLACK = (255, 0, 0), (255, 255, 255), (0, 0, 0)
 
@@ -276,7 +276,7 @@ def test_draft_close_to_full_decode_then_resize(tmp_path):
 
 def test_draft_lets_a_jpeg_above_the_limit_through(tmp_path, monkeypatch):
     photo(1600, 1200).save(tmp_path / "p.jpg", quality=80)
-    monkeypatch.setattr(imageio, "MAX_PIXELS", 1_000_000)
+    monkeypatch.setattr(reading, "MAX_PIXELS", 1_000_000)
     rgb, size = open_rgb(tmp_path / "p.jpg", min_size=(400, 300))
     assert rgb.size == (400, 300) and size == (1600, 1200)
     with pytest.raises(ImageReadError, match=r"image too large: 1600x1200 pixels"):
@@ -311,7 +311,7 @@ def test_huge_png_header_is_refused_before_decoding(tmp_path, no_decoding):
 
 def test_lowered_limit_applies_to_other_formats(tmp_path, monkeypatch):
     scene(96, 64).save(tmp_path / "a.webp")
-    monkeypatch.setattr(imageio, "MAX_PIXELS", 96 * 64 - 1)
+    monkeypatch.setattr(reading, "MAX_PIXELS", 96 * 64 - 1)
     with pytest.raises(ImageReadError, match=r"image too large: 96x64 pixels"):
         open_rgb(tmp_path / "a.webp")
 
@@ -382,14 +382,14 @@ def test_missing_and_unreadable_files(tmp_path, monkeypatch):
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(imageio, "open", denied, raising=False)
+    monkeypatch.setattr(reading, "open", denied, raising=False)
     with pytest.raises(ImageReadError, match=r"^permission denied$"):
         open_rgb(tmp_path / "any.jpg")
 
 
 def test_heic_without_pillow_heif(tmp_path, monkeypatch):
     monkeypatch.delitem(Image.OPEN, "HEIF", raising=False)
-    monkeypatch.setattr(imageio, "_register_heif", lambda: None)  # as if not installed
+    monkeypatch.setattr(reading, "_register_heif", lambda: None)  # as if not installed
     (tmp_path / "IMG_0001.HEIC").write_bytes(
         b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(100))
     with pytest.raises(ImageReadError,

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import mgdedup.indexer
+import mgdedup.index.build
 from mgdedup.cli import app
-from mgdedup.store import IndexStore
+from mgdedup.index.store import IndexStore
 
 runner = CliRunner()
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -113,14 +113,14 @@ def _build_corpus(folder: Path) -> tuple[dict[str, tuple[int, int]], dict[str, s
 def corpus(tmp_path, monkeypatch):
     folder = tmp_path / "corpus"
     good, bad = _build_corpus(folder)
-    original = mgdedup.indexer.scan_images
+    original = mgdedup.index.build.scan_images
 
     def scan_then_delete(*args, **kwargs):
         found = original(*args, **kwargs)
         (folder / "vanishing.png").unlink()  # gone between scan and decode
         return found
 
-    monkeypatch.setattr(mgdedup.indexer, "scan_images", scan_then_delete)
+    monkeypatch.setattr(mgdedup.index.build, "scan_images", scan_then_delete)
     yield folder.resolve(), good, bad
     (folder / "locked.png").chmod(0o644)  # let pytest clean up
 

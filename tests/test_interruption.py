@@ -15,10 +15,10 @@ import pytest
 from cli_helpers import run
 from PIL import Image
 
-import mgdedup.indexer
-from mgdedup.embed import Embedder
+import mgdedup.index.build
+from mgdedup.embedding.embedder import Embedder
 from mgdedup.errors import MgdedupError
-from mgdedup.store import IndexStore
+from mgdedup.index.store import IndexStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_stale_faiss_is_rebuilt_when_nothing_is_left_to_embed(tmp_path, monkeypa
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(mgdedup.indexer, "save_index", killed)
+        patch.setattr(mgdedup.index.build, "save_index", killed)
         result = run("index", folder, "--resolution", "224", "--workers", "0")
     assert result.exit_code == 130, result.output
     assert _rows(idx / "embeddings.h5") == 7

@@ -14,9 +14,9 @@ import pytest
 from cli_helpers import run
 
 from mgdedup.errors import MgdedupError
-from mgdedup.lock import GARBAGE_GRACE_S, IndexLock
-from mgdedup.store import IndexStore
-from mgdedup.synthetic import random_scene
+from mgdedup.imaging.synthetic import random_scene
+from mgdedup.index.lock import GARBAGE_GRACE_S, IndexLock
+from mgdedup.index.store import IndexStore
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_lock_of_a_dead_process_is_taken_over(folder, tmp_path, caplog):
     pid = _dead_pid()
     (idx / "lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
                                           "started": "2024-01-01T00:00:00+00:00"}))
-    with caplog.at_level("WARNING", logger="mgdedup.lock"), IndexLock(idx) as lock:
+    with caplog.at_level("WARNING", logger="mgdedup.index.lock"), IndexLock(idx) as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert any(f"pid {pid}" in r.getMessage() and "not running" in r.getMessage()
                for r in caplog.records), caplog.text

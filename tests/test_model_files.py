@@ -6,11 +6,11 @@ import pytest
 import torch
 import torchvision
 
-from mgdedup.checkpoint import load_model_file, save_model
 from mgdedup.errors import MgdedupError
-from mgdedup.model import DEFAULT_P_STAR, DEFAULT_THRESHOLD, ModelInfo, MultiGrainModel
-from mgdedup.registry import load_model
-from mgdedup.trunks.resnet import ResNet50Trunk
+from mgdedup.model.model_file import load_model_file, save_model
+from mgdedup.model.multigrain import DEFAULT_P_STAR, DEFAULT_THRESHOLD, ModelInfo, MultiGrainModel
+from mgdedup.model.registry import load_model
+from mgdedup.model.trunks.resnet import ResNet50Trunk
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]

@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed: ONNX backend untested")
 pytest.importorskip("onnx", reason="onnx not installed: ONNX graphs cannot be written")
 
-from mgdedup import onnx_runtime
-from mgdedup.embed import Embedder, preferred_backend
+from mgdedup.embedding import onnx_trunk
+from mgdedup.embedding.embedder import Embedder, preferred_backend
+from mgdedup.embedding.onnx_trunk import OnnxTrunk, padding_class
 from mgdedup.errors import MgdedupError
-from mgdedup.onnx_runtime import OnnxTrunk, padding_class
-from mgdedup.registry import DEFAULT_MODEL, load_model
+from mgdedup.model.registry import DEFAULT_MODEL, load_model
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_graph_cached_on_disk_and_reused(model, onnx_cache, monkeypatch):
 
     def no_export(*args, **kwargs):
         raise AssertionError("the cached graph should have been reused")
-    monkeypatch.setattr(onnx_runtime, "build_lite0_graph", no_export)
+    monkeypatch.setattr(onnx_trunk, "build_lite0_graph", no_export)
     second = OnnxTrunk(model.trunk, model.info.trunk)
     second.session(375 + 32, 500 - 64)  # same padding class: same file
     assert files[0].stat().st_mtime_ns == stamp
@@ -88,8 +88,8 @@ def test_classes_share_one_weights_file(model, onnx_cache):
 
 
 def test_sessions_are_bounded(model, monkeypatch):
-    monkeypatch.setattr(onnx_runtime, "MAX_SESSIONS", 2)
-    monkeypatch.setattr(onnx_runtime, "MAX_BATCH", 2)  # 3 images: two ORT calls, one result
+    monkeypatch.setattr(onnx_trunk, "MAX_SESSIONS", 2)
+    monkeypatch.setattr(onnx_trunk, "MAX_BATCH", 2)  # 3 images: two ORT calls, one result
     trunk = OnnxTrunk(model.trunk, model.info.trunk)
     for height in (33, 34, 35, 33):
         images = torch.rand(3, 3, height, 40)
@@ -126,15 +126,15 @@ def test_weights_changed_in_place_get_their_own_graph(model, onnx_cache):
 
 
 def test_graph_failing_its_check_is_not_cached(model, onnx_cache, monkeypatch):
-    monkeypatch.setattr(onnx_runtime, "CHECK_TOLERANCE", -1.0)
-    with pytest.raises(onnx_runtime.OnnxUnavailable, match="differs from torch"):
+    monkeypatch.setattr(onnx_trunk, "CHECK_TOLERANCE", -1.0)
+    with pytest.raises(onnx_trunk.OnnxUnavailable, match="differs from torch"):
         OnnxTrunk(model.trunk, model.info.trunk).session(97, 130)
     assert list(onnx_cache.glob("*")) == []
 
 
 def test_falls_back_to_torch_without_onnxruntime(model, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
-    with caplog.at_level(logging.WARNING, logger="mgdedup.embed"):
+    with caplog.at_level(logging.WARNING, logger="mgdedup.embedding.embedder"):
         embedder = Embedder(model, 224, workers=0)
     assert embedder.backend == "torch"
     assert "onnxruntime is not installed" in caplog.text
@@ -142,10 +142,10 @@ def test_falls_back_to_torch_without_onnxruntime(model, monkeypatch, caplog):
 
 
 def test_failed_check_falls_back_to_torch(model, monkeypatch, caplog):
-    monkeypatch.setattr(onnx_runtime, "CHECK_TOLERANCE", -1.0)  # no graph can pass
+    monkeypatch.setattr(onnx_trunk, "CHECK_TOLERANCE", -1.0)  # no graph can pass
     images = [torch.rand(3, 97, 130)]
     embedder = Embedder(model, 500, backend="onnx", workers=0)
-    with caplog.at_level(logging.WARNING, logger="mgdedup.embed"):
+    with caplog.at_level(logging.WARNING, logger="mgdedup.embedding.embedder"):
         got = embedder.gem(images)
     assert embedder.backend == "torch"
     assert "differs from torch" in caplog.text

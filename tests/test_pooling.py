@@ -2,7 +2,7 @@
 
 import torch
 
-from mgdedup.pooling import GeM, gem
+from mgdedup.model.pooling import GeM, gem
 
 
 def test_p1_is_average_pooling():

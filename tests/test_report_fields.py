@@ -12,14 +12,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mgdedup.cli import app
-from mgdedup.dedup import DedupResult
-from mgdedup.grouping import Group
-from mgdedup.indexer import update_index
-from mgdedup.registry import load_model
-from mgdedup.report import CSV_COLUMNS, FileFacts, groups_to_csv, groups_to_json
-from mgdedup.report_html import render_html
-from mgdedup.score_norm import ScoreNorm
-from mgdedup.synthetic import make_collection
+from mgdedup.duplicates.find import DedupResult
+from mgdedup.duplicates.grouping import Group
+from mgdedup.duplicates.report_html import render_html
+from mgdedup.duplicates.report_text import CSV_COLUMNS, FileFacts, groups_to_csv, groups_to_json
+from mgdedup.duplicates.score_norm import ScoreNorm
+from mgdedup.imaging.synthetic import make_collection
+from mgdedup.index.build import update_index
+from mgdedup.model.registry import load_model
 
 
 class Facts(HTMLParser):
@@ -182,7 +182,7 @@ def test_cli_formats_agree(tmp_path):
         result = runner.invoke(app, [*base, "--format", fmt, *extra], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         outputs[fmt] = page.read_text(encoding="utf-8") if fmt == "html" else result.stdout
-    from mgdedup.dedup import find_duplicates
+    from mgdedup.duplicates.find import find_duplicates
 
     result = find_duplicates(folder / ".mgdedup", 0.5)
     assert result.groups, "planted copies must group at 0.5"

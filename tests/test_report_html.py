@@ -14,13 +14,13 @@ from html.parser import HTMLParser
 import pytest
 from PIL import Image
 
-from mgdedup.dedup import DedupResult, find_duplicates
-from mgdedup.grouping import Group
-from mgdedup.indexer import update_index
-from mgdedup.registry import load_model
-from mgdedup.report import FileFacts
-from mgdedup.report_html import DATA_URI_PREFIX, human_bytes, render_html, write_html
-from mgdedup.synthetic import make_collection
+from mgdedup.duplicates.find import DedupResult, find_duplicates
+from mgdedup.duplicates.grouping import Group
+from mgdedup.duplicates.report_html import DATA_URI_PREFIX, human_bytes, render_html, write_html
+from mgdedup.duplicates.report_text import FileFacts
+from mgdedup.imaging.synthetic import make_collection
+from mgdedup.index.build import update_index
+from mgdedup.model.registry import load_model
 
 THUMB_PX = 96
 
@@ -139,7 +139,7 @@ def test_nothing_is_fetched_from_anywhere(document):
 
 
 def test_thumbnail_computed_once_per_file(result, monkeypatch):
-    import mgdedup.report_html as module
+    import mgdedup.duplicates.report_html as module
 
     calls: list[str] = []
     real = module.make_thumbnail

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mgdedup import scan as scan_module
 from mgdedup.errors import MgdedupError
-from mgdedup.scan import ScannedFile, file_digest, scan_images
+from mgdedup.imaging import scan as scan_module
+from mgdedup.imaging.scan import ScannedFile, file_digest, scan_images
 
 
 def tiny(path: Path, fmt: str | None = None, colour=(200, 30, 30)) -> Path:

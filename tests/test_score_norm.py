@@ -5,12 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mgdedup.dedup import find_duplicates
-from mgdedup.grouping import keeper_order, star_groups
-from mgdedup.locate import H5_NAME
-from mgdedup.score_norm import ScoreNorm, background_scores, collection_background, normalise
-from mgdedup.search import build_index
-from mgdedup.store import IndexMeta, IndexStore, RowBatch
+from mgdedup.duplicates.find import find_duplicates
+from mgdedup.duplicates.grouping import keeper_order, star_groups
+from mgdedup.duplicates.score_norm import (
+    ScoreNorm,
+    background_scores,
+    collection_background,
+    normalise,
+)
+from mgdedup.index.faiss_index import build_index
+from mgdedup.index.layout import H5_NAME
+from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 
 DIM = 24
 

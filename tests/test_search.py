@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mgdedup.errors import MgdedupError
-from mgdedup.search import (
+from mgdedup.index.faiss_index import (
     INDEX_NAME,
     build_index,
     ensure_index,
@@ -21,7 +21,7 @@ from mgdedup.search import (
     range_pairs,
     save_index,
 )
-from mgdedup.store import IndexMeta, IndexStore, RowBatch
+from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 
 THRESHOLD = 0.9
 
@@ -110,7 +110,7 @@ def test_range_pairs_match_brute_force(data: np.ndarray, flat: faiss.Index, bloc
 
 def test_range_pairs_split_large_blocks(data: np.ndarray, flat: faiss.Index,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mgdedup.search.QUERY_ROWS", 128)  # blocks searched in pieces
+    monkeypatch.setattr("mgdedup.index.faiss_index.QUERY_ROWS", 128)  # blocks searched in pieces
     for index in (flat, build_index(data, data.shape[1], "IVF64,Flat")):
         i, j, _ = range_pairs(index, blocks_of(data, 1000), THRESHOLD)
         expected = range_pairs(index, blocks_of(data, 128), THRESHOLD)

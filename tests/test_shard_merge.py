@@ -10,12 +10,12 @@ from cli_helpers import one_line_error, run
 from conftest import copy_tree
 
 from mgdedup.errors import MgdedupError
-from mgdedup.indexer import Shard, shard_of
-from mgdedup.locate import find_index
-from mgdedup.merge import merge_indexes
-from mgdedup.scan import scan_images
-from mgdedup.search import load_index
-from mgdedup.store import IndexMeta, IndexStore, RowBatch
+from mgdedup.imaging.scan import scan_images
+from mgdedup.index.build import Shard, shard_of
+from mgdedup.index.faiss_index import load_index
+from mgdedup.index.layout import find_index
+from mgdedup.index.merge import merge_indexes
+from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 
 RES = "64"  # small: these tests check bookkeeping, not descriptor quality
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mgdedup.errors import MgdedupError
-from mgdedup.store import IndexMeta, IndexStore, RowBatch
+from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 
 DIM = 16
 
@@ -227,7 +227,7 @@ def test_reader_and_writer_processes_interleave(h5: Path) -> None:
         import sys
         sys.path[:0] = {sys.path!r}
         from tests.test_store import make_batch
-        from mgdedup.store import IndexStore
+        from mgdedup.index.store import IndexStore
         for k in range(20):
             with IndexStore.open({str(h5)!r}, "a") as store:
                 store.append(make_batch(50, 1 + 50 * k))

@@ -112,7 +112,7 @@ def test_original_views_are_the_first_copy_of_each_group_as_index_sees_it(tmp_pa
     """--original-view: positions 0, m, 2m, ... carry the unaugmented flag (and the same
     indices and seeds as without it); that sample equals the test-protocol input `index`
     embeds at s* = 224, and above 224 it is a square centre crop of the resized image."""
-    from mgdedup.transforms import load_for_embedding
+    from mgdedup.imaging.transforms import load_for_embedding
 
     paths = make_unlabelled(tmp_path / "photos", 4, size=(320, 240))
     dataset = AugmentedImages(unlabelled_files(tmp_path / "photos"),

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from training_helpers import make_imagefolder, make_unlabelled, state_digest, tiny_model
 
-from mgdedup.augment import augmented_copy
-from mgdedup.checkpoint import load_model_file
 from mgdedup.errors import MgdedupError
+from mgdedup.imaging.augment import augmented_copy
+from mgdedup.imaging.transforms import load_for_embedding, resize_for_resolution, to_tensor
+from mgdedup.model.model_file import load_model_file
 from mgdedup.training.checkpoints import load_checkpoint
 from mgdedup.training.config import TrainConfig
 from mgdedup.training.loop import Trainer
-from mgdedup.transforms import load_for_embedding, resize_for_resolution, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_unlabelled_finetuning_keeps_the_classifier(tmp_path):
     """--images: distillation starts at 0 (frozen BN: student == teacher), the classifier's
     top-1 stays that of the initial model on held-out images, and augmented copies of the
     training images move closer to their originals than before."""
-    from mgdedup.registry import load_model
+    from mgdedup.model.registry import load_model
 
     train_paths = make_unlabelled(tmp_path / "photos", 8, seed=3)
     config = TrainConfig(images=str(tmp_path / "photos"), init="default",
@@ -243,7 +243,7 @@ def test_train_blocks_out_of_range_is_a_clear_error(labelled, tmp_path):
 def test_trunk_blocks_cover_the_feature_extractor(name, count):
     """Every trunk parameter is in exactly one block or in the classifier, so freezing
     blocks can leave nothing of the feature extractor trainable by accident."""
-    from mgdedup.trunks import build_trunk
+    from mgdedup.model.trunks import build_trunk
 
     trunk = build_trunk(name)
     blocks = trunk.blocks()
@@ -258,13 +258,13 @@ def test_finetuned_model_is_saved_without_whitening_when_not_refitted(case, tmp_
                                                                        caplog):
     """--no-whiten, or a refit that cannot be done, still writes the trained model (without
     the initial model's whitenings, which do not fit it) and says why."""
-    import mgdedup.fit_whitening
+    import mgdedup.tuning.whiten
 
     def fails(*args, **kwargs):
         raise MgdedupError("whitening needs at least 2 readable images; found 1")
 
     if case == "whitening-fails":
-        monkeypatch.setattr(mgdedup.fit_whitening, "whiten_model", fails)
+        monkeypatch.setattr(mgdedup.tuning.whiten, "whiten_model", fails)
     make_unlabelled(tmp_path / "photos", 6, seed=5)
     config = TrainConfig(images=str(tmp_path / "photos"), init="default",
                          run_dir=str(tmp_path / "run"), epochs=1, iters_per_epoch=2,

@@ -10,7 +10,7 @@ from conftest import photo
 from PIL import Image
 from torchvision import transforms as tv
 
-from mgdedup.transforms import (
+from mgdedup.imaging.transforms import (
     decode_size_for,
     load_for_embedding,
     resize_for_resolution,

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from conftest import photo
 from typer.testing import CliRunner
 
-from mgdedup import tune_p as tuning
-from mgdedup.checkpoint import load_model_file
 from mgdedup.cli import app
 from mgdedup.errors import MgdedupError
 from mgdedup.evaluation.inaug import build_inaug, inaug_metrics
-from mgdedup.registry import load_model
-from mgdedup.transforms import resize_for_resolution, to_tensor
+from mgdedup.imaging.transforms import resize_for_resolution, to_tensor
+from mgdedup.model.model_file import load_model_file
+from mgdedup.model.registry import load_model
+from mgdedup.tuning import p_star as tuning
 
 runner = CliRunner()
 RESOLUTION = 64

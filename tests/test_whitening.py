@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgdedup.whitening import fit_whitening
+from mgdedup.model.whitening import fit_whitening
 
 
 def _gem_vectors(n=400, d=24, seed=0):
@@ -60,7 +60,7 @@ def test_floored_whitening_is_invertible_and_folds_exactly():
 
 
 def test_compact_floored_form_rebuilds_the_same_map():
-    from mgdedup.whitening import Whitening, compact_floored
+    from mgdedup.model.whitening import Whitening, compact_floored
 
     x = F.normalize(_gem_vectors(n=200, d=24, seed=3), dim=1)
     whitening = fit_whitening(x.numpy(), resolution=224, p=3.0, floor_rank=8)

@@ -15,9 +15,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from mgdedup.model import ModelInfo, MultiGrainModel
-from mgdedup.synthetic import random_scene
-from mgdedup.trunks.base import Trunk
+from mgdedup.imaging.synthetic import random_scene
+from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
+from mgdedup.model.trunks.base import Trunk
 
 
 class TinyTrunk(Trunk):
@@ -85,7 +85,7 @@ def make_imagefolder(root: Path, classes: int = 10, per_class: int = 6, val_per_
 
 def make_unlabelled(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (96, 72)
                     ) -> list[Path]:
-    """`count` generated scenes (mgdedup.synthetic) as JPEG files."""
+    """`count` generated scenes (mgdedup.imaging.synthetic) as JPEG files."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -1,6 +1,6 @@
 """Embeddings of benchmark images, computed once per (model, s*, p*) and kept in index format.
 
-One cache is an ordinary index file (mgdedup.store, format_version 1) in
+One cache is an ordinary index file (mgdedup.index.store, format_version 1) in
 ``<cache root>/<model fingerprint>-<s*>-p<p*>/embeddings.h5``; the cache root is ``--cache``,
 else ``$XDG_CACHE_HOME/mgdedup/eval`` (``~/.cache/mgdedup/eval``). Rows store the *raw* GeM
 vector g losslessly in the index columns: ``embeddings`` = l2n(g) (no whitening, so
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mgdedup.augment import augmented_copy
-from mgdedup.embed import Embedder, default_workers
+from mgdedup.embedding.embedder import Embedder, default_workers
 from mgdedup.errors import MgdedupError
-from mgdedup.imageio import ImageReadError, open_rgb
-from mgdedup.model import MultiGrainModel
-from mgdedup.store import H5_NAME, IndexMeta, IndexStore, RowBatch
-from mgdedup.transforms import resize_for_resolution, to_tensor
+from mgdedup.imaging.augment import augmented_copy
+from mgdedup.imaging.reading import ImageReadError, open_rgb
+from mgdedup.imaging.transforms import resize_for_resolution, to_tensor
+from mgdedup.index.store import H5_NAME, IndexMeta, IndexStore, RowBatch
+from mgdedup.model.multigrain import MultiGrainModel
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mgdedup.augment import augmented_copy
 from mgdedup.errors import MgdedupError
 from mgdedup.evaluation.datasets import IMAGE_SUFFIXES
 from mgdedup.evaluation.metrics import holidays_map, micro_ap
-from mgdedup.imageio import ImageReadError, open_rgb
-from mgdedup.transforms import CROP_RESOLUTION_MAX, resize_for_resolution, to_tensor
+from mgdedup.imaging.augment import augmented_copy
+from mgdedup.imaging.reading import ImageReadError, open_rgb
+from mgdedup.imaging.transforms import CROP_RESOLUTION_MAX, resize_for_resolution, to_tensor
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from mgdedup.evaluation.inaug import (
     copy_size_for,
     inaug_metrics,
 )
-from mgdedup.model import MultiGrainModel
+from mgdedup.model.multigrain import MultiGrainModel
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Training checkpoints: a model file plus what it takes to continue the run exactly.
 
-`last.ckpt` is an ordinary mgdedup model file (mgdedup.checkpoint.model_to_dict layout) with
+`last.ckpt` is an ordinary mgdedup model file (mgdedup.model.model_file.model_to_dict layout) with
 one more key, "training":
     epoch, iteration (global), epoch_iteration      where to continue
     optimizer, scheduler, scaler                    their state dicts
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mgdedup.checkpoint import load_untrusted, model_to_dict
 from mgdedup.errors import MgdedupError
-from mgdedup.model import MultiGrainModel
+from mgdedup.model.model_file import load_untrusted, model_to_dict
+from mgdedup.model.multigrain import MultiGrainModel
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Fine-tuning on a folder of unlabelled photos can fit those photos instead of lea
 invariance that carries over (BENCHMARKS.md: the held-out gain peaks and then falls while the
 training loss keeps going down). So a tenth of the folder (at most 100 images, chosen by a hash
 of the path: adding photos keeps the choice) is held out of training; each held-out image gets
-fixed copies (full-augmentation crops and the planted edits of `mgdedup.synthetic`) that query
+fixed copies (full-augmentation crops and the planted edits of `mgdedup.imaging.synthetic`) that query
 a database of the held-out originals plus up to 200 training images as distractors. The score
 is the mAP of those queries (one positive each, so the mean of 1/rank) on whitened descriptors,
 the way `index` stores them: the whitening is refitted on the database for every model, as
@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from mgdedup.augment import augmented_copy
-from mgdedup.fit_whitening import DEFAULT_FLOOR_RANK
-from mgdedup.imageio import ImageReadError, open_rgb
-from mgdedup.synthetic import EDITS
-from mgdedup.transforms import resize_for_resolution
-from mgdedup.whitening import fit_whitening
+from mgdedup.imaging.augment import augmented_copy
+from mgdedup.imaging.reading import ImageReadError, open_rgb
+from mgdedup.imaging.synthetic import EDITS
+from mgdedup.imaging.transforms import resize_for_resolution
+from mgdedup.model.whitening import fit_whitening
+from mgdedup.tuning.whiten import DEFAULT_FLOOR_RANK
 
 log = logging.getLogger(__name__)
 

@@ -26,18 +26,18 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
-from mgdedup.augment import FullAugmentation
 from mgdedup.errors import MgdedupError
-from mgdedup.imageio import ImageReadError, open_rgb
-from mgdedup.scan import IMAGE_EXTENSIONS, scan_images
-from mgdedup.training.sampler import RepeatedAugmentationSampler
-from mgdedup.transforms import (
+from mgdedup.imaging.augment import FullAugmentation
+from mgdedup.imaging.reading import ImageReadError, open_rgb
+from mgdedup.imaging.scan import IMAGE_EXTENSIONS, scan_images
+from mgdedup.imaging.transforms import (
     CROP_RESOLUTION_MAX,
     crop_offset,
     load_for_embedding,
     resize_for_resolution,
     to_tensor,
 )
+from mgdedup.training.sampler import RepeatedAugmentationSampler
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def imagefolder_split(root: Path, split: str, classes: list[str] | None = None) 
 
 
 def unlabelled_files(root: Path) -> FileList:
-    """Every image below root, recognised by content (mgdedup.scan); problems are logged."""
+    """Every image below root, recognised by content (mgdedup.imaging.scan); problems are logged."""
     files, problems = scan_images([root])
     for path, reason in problems[:20]:
         log.warning("skipping %s: %s", path, reason)
@@ -141,7 +141,7 @@ def unlabelled_files(root: Path) -> FileList:
 def class_names_for(classes: list[str]) -> list[str]:
     """Readable names: ImageNet's when the folders are its 1000 synsets, else the folder names."""
     if len(classes) == 1000 and all(WNID.match(c) for c in classes):
-        from mgdedup.checkpoint import imagenet_class_names
+        from mgdedup.model.model_file import imagenet_class_names
 
         return imagenet_class_names()
     return list(classes)

@@ -28,10 +28,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mgdedup.checkpoint import load_model_file, model_from_dict, save_model
 from mgdedup.errors import MgdedupError
-from mgdedup.model import ModelInfo, MultiGrainModel
-from mgdedup.pooling import GeM
+from mgdedup.model.model_file import load_model_file, model_from_dict, save_model
+from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
+from mgdedup.model.pooling import GeM
 from mgdedup.training.checkpoints import (
     load_checkpoint,
     rng_states,
@@ -194,13 +194,13 @@ def average_buffers(module: nn.Module, world: Dist) -> None:
 # --- building the run ----------------------------------------------------------------------
 def load_init_model(spec: str) -> MultiGrainModel:
     """A private copy of --init (the registry caches its models: training must not touch it)."""
-    from mgdedup.registry import load_model
+    from mgdedup.model.registry import load_model
 
     return copy.deepcopy(load_model(spec))
 
 
 def fresh_resnet50(config: TrainConfig, class_names: list[str]) -> MultiGrainModel:
-    from mgdedup.trunks import build_trunk
+    from mgdedup.model.trunks import build_trunk
 
     torch.manual_seed(config.seed)
     trunk = build_trunk("resnet50")
@@ -779,8 +779,8 @@ class Trainer:
         fit new ones at the same resolutions on the training images (unlabelled photos of the
         collection itself, as the paper fits on unlabelled images), with a calibrated default
         threshold each, so the model file works in `index` / `dedup` as it is."""
-        from mgdedup.fit_whitening import whiten_model
-        from mgdedup.registry import load_model
+        from mgdedup.model.registry import load_model
+        from mgdedup.tuning.whiten import whiten_model
 
         resolutions = sorted(load_model(str(self.config.init)).whitenings)  # read only: no copy
         root = Path(str(self.config.images)).expanduser()

@@ -1,0 +1,341 @@
+"""`mgdedup dedup`, `undo`, `mark` and `calibrate`: finding duplicate groups and acting on them.
+
+Data (tables, JSON, CSV) goes to stdout, messages to stderr. `calibrate` estimates, without
+labels, the threshold reaching a target precision on this collection (the estimator is
+documented in `mgdedup.duplicates.precision`); `dedup --precision P` reads what it stores.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mgdedup.cli.shell import (
+    ActionName,
+    Format,
+    IndexOption,
+    ModelOption,
+    WorkersOption,
+    app,
+    err,
+    progress_bar,
+    user_errors,
+)
+from mgdedup.duplicates.precision import (
+    DEFAULT_AUG_COPIES,
+    DEFAULT_COPY_RATE,
+    DEFAULT_NEIGHBOURS,
+    DEFAULT_SAMPLE,
+    DEFAULT_TARGETS,
+)
+from mgdedup.errors import MgdedupError
+
+if TYPE_CHECKING:
+    from mgdedup.duplicates.find import DedupResult
+
+
+@app.command()
+@user_errors
+def dedup(
+    index_dir: IndexOption = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", "-t", min=-1.0, max=1.0,
+        help="Cosine similarity to the keeper at or above which a file is a duplicate. "
+             "Default: the threshold measured for the index's model (precision 0.99 on "
+             "edited copies of real photos).")] = None,
+    output_format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here, not stdout.")
+                   ] = None,
+    action: Annotated[ActionName | None, typer.Option(
+        "--action", help="Act on the duplicates (never the keepers). Dry run unless --apply; "
+                         "every applied step is recorded for `mgdedup undo`.")] = None,
+    to: Annotated[Path | None, typer.Option(
+        "--to", help="Where moved/deleted files go, keeping their folders (outside the "
+                     "indexed folders). Default for delete/links: a trash folder in the index.")
+    ] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Really do it.")] = False,
+    permanent: Annotated[bool, typer.Option(
+        "--permanent", help="With --action delete: unlink instead of trashing (cannot be "
+                            "undone).")] = False,
+    precision: Annotated[float | None, typer.Option(
+        "--precision", "-p", min=0.0, max=1.0,
+        help="Use the threshold estimated to reach this precision on this collection "
+             "(`mgdedup calibrate`; run first when missing or stale). Not with --threshold."
+    )] = None,
+    score_norm: Annotated[bool | None, typer.Option(
+        "--score-norm/--no-score-norm",
+        help="Score pairs by SSCD-normalised similarity (the collection as background) "
+             "instead of plain cosine; --threshold is then on that scale, and without one "
+             "the threshold is calibrated for precision 0.99. Default: normalised with "
+             "--precision, cosine otherwise.")
+    ] = None,
+) -> None:
+    """Print duplicate groups: a keeper (most pixels, then largest file) and its copies.
+
+    Examples: mgdedup dedup; mgdedup dedup --threshold 0.7 --format json > groups.json;
+    mgdedup dedup --action move --to ~/dups (dry run), then the same with --apply
+    """
+    from mgdedup.duplicates.find import find_duplicates
+    from mgdedup.duplicates.report_text import groups_to_csv, groups_to_json, print_groups_table
+    from mgdedup.duplicates.score_norm import ScoreNorm, default_score_norm
+    from mgdedup.index.layout import find_index
+
+    if threshold is not None and precision is not None:
+        raise MgdedupError("give --threshold or --precision, not both")
+    if output_format is Format.html and out is None and action is None:
+        raise MgdedupError("--format html needs --out FILE (a self-contained page)")
+    where = find_index(index_dir)
+    norm = default_score_norm(precision is not None) if score_norm is None else \
+        (ScoreNorm() if score_norm else None)
+    with progress_bar("calibrating") as progress:
+        task = progress.add_task("calibrating", total=None, visible=False)
+
+        def calibrating(reason: str) -> None:
+            err.print(f"calibrating the threshold for this collection ({reason}; stored in "
+                      f"{where} for next time)", highlight=False, soft_wrap=True)
+            progress.update(task, visible=True)
+
+        result = find_duplicates(
+            where, threshold, precision=precision, score_norm=norm, on_calibrate=calibrating,
+            on_start=lambda total: progress.update(task, total=total),
+            on_progress=lambda count: progress.advance(task, count))
+    if action is not None:
+        _act(where, result, action, to, apply, permanent)
+        return
+    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    if output_format is Format.html:
+        from mgdedup.duplicates.report_html import write_html
+
+        write_html(result, out.expanduser())
+        err.print(f"wrote {out} ({len(result.groups)} groups)", highlight=False)
+    elif output_format is Format.table and out is None:
+        print_groups_table(result.groups, result.facts, Console())
+    else:
+        normalised = result.score_norm is not None
+        if output_format is Format.json:
+            text = groups_to_json(result.groups, result.facts, result.threshold,
+                                  threshold_source=result.threshold_source,
+                                  target_precision=result.target_precision,
+                                  normalised=normalised) + "\n"
+        elif output_format is Format.csv:
+            text = groups_to_csv(result.groups, result.facts, result.threshold,
+                                 threshold_source=result.threshold_source,
+                                 normalised=normalised)
+        else:
+            buffer = Console(record=True, width=160, file=io.StringIO())
+            print_groups_table(result.groups, result.facts, buffer)
+            text = buffer.export_text()
+        _write_output(text, out)
+    err.print(f"{len(result.groups)} groups, {result.duplicate_count} duplicates, "
+              f"{result.reclaimable_bytes / 1e6:.1f} MB reclaimable at threshold "
+              f"{result.threshold:g} ({_threshold_origin(result)})",
+              highlight=False)
+
+
+def _threshold_origin(result: DedupResult) -> str:
+    """How the threshold of a dedup run was chosen, in words."""
+    scale = "normalised scores" if result.score_norm is not None else "cosine"
+    if result.threshold_source == "precision":
+        return f"calibrated for precision {result.target_precision:g}, {scale}"
+    if result.threshold_source == "measured":
+        return f"measured for the model, {scale}"
+    if result.threshold_source == "default":
+        return f"generic default, {scale}"
+    return f"given, {scale}"
+
+
+def _act(where: Path, result: DedupResult, action: ActionName, to: Path | None, apply: bool,
+         permanent: bool) -> None:
+    """Dry run (the plan on stdout) or apply and say how to undo."""
+    from mgdedup.duplicates.actions import Action, apply_plan, describe_plan, plan_actions
+
+    steps = plan_actions(where, result, Action(action.value),
+                         to.expanduser() if to is not None else None, permanent)
+    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    if not apply:
+        for line in describe_plan(steps):
+            typer.echo(line)
+        err.print(f"dry run: nothing changed; add --apply to {action.value} "
+                  f"{sum(s.kind != 'skip' for s in steps)} files", highlight=False)
+        return
+    report = apply_plan(steps, where)
+    for message in report.messages:
+        err.print(message, highlight=False, soft_wrap=True)
+    err.print(f"{report.done} done, {report.skipped} skipped, {report.failed} failed"
+              + (f"; undo with: mgdedup undo {report.manifest}" if report.manifest else ""),
+              highlight=False, soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def undo(
+    manifest: Annotated[Path | None, typer.Argument(
+        help="Manifest of an applied action (default: the latest of the index).")] = None,
+    index_dir: IndexOption = None,
+) -> None:
+    """Put back every file an applied `dedup --action` moved, linked or trashed.
+
+    Example: mgdedup undo
+    """
+    from mgdedup.duplicates.actions import latest_manifest
+    from mgdedup.duplicates.actions import undo as undo_manifest
+    from mgdedup.index.layout import find_index
+
+    if manifest is None:
+        manifest = latest_manifest(find_index(index_dir))
+    report = undo_manifest(manifest.expanduser())
+    for message in report.messages:
+        err.print(message, highlight=False, soft_wrap=True)
+    err.print(f"{report.restored} restored, {report.skipped} skipped, {report.failed} failed, "
+              f"{report.not_undoable} not undoable ({manifest})", highlight=False,
+              soft_wrap=True)
+    if not report.complete:
+        raise typer.Exit(1)
+
+
+def _write_output(text: str, out: Path | None) -> None:
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        out.expanduser().write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise MgdedupError(f"cannot write {out}: {error.strerror}") from None
+    err.print(f"wrote {out}", highlight=False)
+
+
+
+class Verdict(str, Enum):
+    duplicate = "duplicate"
+    not_duplicate = "not-duplicate"
+
+
+@app.command()
+@user_errors
+def mark(
+    verdict: Annotated[Verdict, typer.Argument(help="duplicate or not-duplicate")],
+    first: Annotated[Path, typer.Argument(help="An indexed image.")],
+    second: Annotated[Path, typer.Argument(help="Another indexed image.")],
+    index_dir: IndexOption = None,
+) -> None:
+    """Remember your verdict on a pair; every later `dedup` honours it.
+
+    Example: mgdedup mark not-duplicate a.jpg b.jpg
+    """
+    from mgdedup.duplicates.decisions import load_decisions, save_decisions
+    from mgdedup.index.layout import H5_NAME, find_index
+    from mgdedup.index.store import IndexStore
+
+    where = find_index(index_dir)
+    with IndexStore.open(where / H5_NAME) as store:
+        indexed = {str(p) for p in store.absolute_paths()}
+    pair = []
+    for path in (first, second):
+        resolved = str(path.expanduser().resolve())
+        if resolved not in indexed:
+            raise MgdedupError(f"{path} is not in the index {where}")
+        pair.append(resolved)
+    decisions = load_decisions(where)
+    decisions.mark(verdict.value, *pair)
+    save_decisions(where, decisions)
+    err.print(f"marked {verdict.value}: {pair[0]} and {pair[1]} (in {where})", highlight=False,
+              soft_wrap=True)
+
+
+
+@app.command()
+@user_errors
+def calibrate(
+    index_dir: IndexOption = None,
+    target_precision: Annotated[list[float] | None, typer.Option(
+        "--target-precision", "-p", min=0.0, max=1.0,
+        help="Precision to reach (repeatable). Default: 0.9, 0.95 and 0.99.")] = None,
+    sample: Annotated[int, typer.Option(
+        "--sample", min=1, help="Indexed images to make synthetic copies of.")
+    ] = DEFAULT_SAMPLE,
+    aug_copies: Annotated[int, typer.Option(
+        "--aug-copies", min=0, help="Full-augmentation (IN-aug) copies per image, besides the "
+                                    "five planted edits.")] = DEFAULT_AUG_COPIES,
+    neighbours: Annotated[int, typer.Option(
+        "--neighbours", min=1, help="Nearest other images looked at per indexed image.")
+    ] = DEFAULT_NEIGHBOURS,
+    copy_rate: Annotated[float, typer.Option(
+        "--copy-rate", min=0.0,
+        help="Copies per image assumed when the collection shows fewer: bounds false alarms "
+             "in a collection without copies.")] = DEFAULT_COPY_RATE,
+    score_norm: Annotated[bool, typer.Option(
+        "--score-norm/--no-score-norm",
+        help="Calibrate SSCD-normalised scores (what `dedup --precision` uses unless told "
+             "--no-score-norm) or plain cosines.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Which images are sampled.")] = 0,
+    model: ModelOption = None,
+    workers: WorkersOption = None,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Estimate, without labels, the threshold reaching each target precision here.
+
+    The result is stored in the index folder for `dedup --precision`.
+
+    Example: mgdedup calibrate --target-precision 0.95
+    """
+    from mgdedup.duplicates.precision import CALIBRATION_NAME, calibrate_index, save_calibration
+    from mgdedup.duplicates.score_norm import ScoreNorm
+    from mgdedup.index.layout import find_index
+
+    targets = sorted(set(target_precision or DEFAULT_TARGETS))
+    for target in targets:
+        if not 0.0 < target < 1.0:
+            raise MgdedupError(f"--target-precision must be between 0 and 1 (exclusive), "
+                               f"got {target:g}")
+    where = find_index(index_dir)
+    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    with progress_bar("copies") as progress:
+        task = progress.add_task("embedding copies", total=None)
+        calibration = calibrate_index(
+            where, sample=sample, aug_copies=aug_copies, neighbours=neighbours,
+            prior_copy_rate=copy_rate, score_norm=ScoreNorm() if score_norm else None,
+            seed=seed, model_spec=model, workers=workers, device=device,
+            on_start=lambda total: progress.update(task, total=total),
+            on_progress=lambda count: progress.advance(task, count))
+    path = save_calibration(where, calibration)
+    for skipped_path, reason in calibration.skipped:
+        err.print(f"skipped {skipped_path}: {reason}", highlight=False, soft_wrap=True)
+    rows = []
+    for target in targets:
+        found = calibration.threshold_for(target)
+        rows.append({"target_precision": target,
+                     "threshold": None if found is None else found[0],
+                     "estimated_precision": None if found is None else found[1],
+                     "recall": None if found is None else found[2]})
+    if as_json:
+        typer.echo(json.dumps({
+            "index": str(where), "mode": calibration.mode, "sampled": calibration.sampled,
+            "positives": calibration.positives, "neighbours": calibration.neighbours,
+            "estimated_copy_rate": calibration.estimated_copy_rate,
+            "copy_rate": calibration.copy_rate, "targets": rows}, indent=2))
+    else:
+        table = Table(show_edge=False, pad_edge=False)
+        for name in ("precision", "threshold", "estimated", "recall"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for row in rows:
+            if row["threshold"] is None:
+                table.add_row(f"{row['target_precision']:g}", "not reached", "", "")
+            else:
+                table.add_row(f"{row['target_precision']:g}", f"{row['threshold']:.4f}",
+                              f"{row['estimated_precision']:.3f}", f"{row['recall']:.3f}")
+        Console().print(table)
+    err.print(f"{calibration.sampled} images, {calibration.positives} synthetic copies, "
+              f"{calibration.neighbours} neighbours each; copies per image: "
+              f"{calibration.estimated_copy_rate:.3g} estimated, {calibration.copy_rate:.3g} "
+              f"used ({calibration.mode} scores); stored in {path.parent / CALIBRATION_NAME}",
+              highlight=False, soft_wrap=True)

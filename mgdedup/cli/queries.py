@@ -1,0 +1,92 @@
+"""`mgdedup search` and `mgdedup classify`: what an index or a model says about some images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mgdedup.cli.shell import IndexOption, ModelOption, app, err, user_errors
+from mgdedup.errors import MgdedupError
+
+
+@app.command()
+@user_errors
+def search(
+    images: Annotated[list[Path], typer.Argument(help="Query images.")],
+    index_dir: IndexOption = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 10,
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Nearest indexed images for each query image.
+
+    Example: mgdedup search some.jpg -k 10
+    """
+    from mgdedup.index.layout import find_index
+    from mgdedup.queries.search import search_index
+
+    where = find_index(index_dir)
+    results = search_index(where, images, k=k, model_spec=model)
+    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    for result in results:
+        if result.error:
+            err.print(f"skipped {result.query}: {result.error}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps([{"query": r.query, "results": [{"path": p, "score": round(s, 6)}
+                                                              for p, s in r.results]}
+                               for r in results if r.error is None], ensure_ascii=False, indent=2))
+    else:
+        for result in results:
+            if result.error is None:
+                typer.echo(result.query)
+                for path, score in result.results:
+                    typer.echo(f"  {score:.3f}  {path}")
+    if all(r.error for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def classify(
+    images: Annotated[list[Path] | None, typer.Argument(help="Images to classify.")] = None,
+    index_dir: IndexOption = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Classes per image.")] = 5,
+    resolution: Annotated[int, typer.Option("--resolution", "-r", min=32, max=4096)] = 224,
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Top ImageNet classes of images, or of every indexed image with --index (no image read).
+
+    Example: mgdedup classify img.jpg -k 5
+    """
+    from mgdedup.queries.classify import classify_images, classify_index
+
+    if images:
+        from mgdedup.model.registry import load_model
+
+        predictions = classify_images(load_model(model), images, resolution, k=k)
+    elif index_dir is not None:
+        from mgdedup.index.layout import find_index
+
+        predictions = classify_index(find_index(index_dir), k=k, model_spec=model)
+    else:
+        raise MgdedupError("give images to classify, or --index to classify an index")
+    for prediction in predictions:
+        if prediction.error:
+            err.print(f"skipped {prediction.path}: {prediction.error}", highlight=False)
+    good = [p for p in predictions if p.error is None]
+    if as_json:
+        typer.echo(json.dumps([{"path": p.path, "top": [{"index": i, "label": label,
+                                                         "prob": round(q, 6)}
+                                                        for i, label, q in p.top]}
+                               for p in good], ensure_ascii=False, indent=2))
+    else:
+        for prediction in good:
+            typer.echo(prediction.path)
+            for _, label, probability in prediction.top:
+                typer.echo(f"  {probability:6.1%}  {label}")
+    if not good:
+        raise typer.Exit(1)

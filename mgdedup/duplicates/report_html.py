@@ -1,0 +1,284 @@
+"""Duplicate groups as ONE self-contained HTML page with thumbnails, to look at before acting.
+
+The page works offline and never touches the network: the CSS is inline, there is no script,
+and every thumbnail is a JPEG data URI (a Content-Security-Policy forbids anything else).
+Paths come from the file system and are untrusted: every piece of text and every attribute
+goes through `html.escape`. A file that cannot be read (deleted since indexing, damaged) gets
+a grey placeholder with the reason; it never stops the report.
+
+Large reports stay quick to open: thumbnails are small, `loading="lazy"`, and group cards use
+`content-visibility: auto` so the browser only lays out the cards on screen. Each file is
+decoded once (draft-decoded for JPEG) even when it appears in several places.
+
+Stable hooks for tests and scripts: `<section class="group" data-group="N" data-size=".."
+data-reclaimable-bytes="..">` (N from 1, in the order of `DedupResult.groups`, as the CSV
+report numbers them), `<figure class="image" data-role="keeper|member" data-path="..."
+data-width data-height data-bytes [data-score]>` (score: members only, to the keeper), and on
+`<dl class="summary">` the exact summary: data-images, data-groups, data-duplicates,
+data-reclaimable-bytes, data-threshold, data-threshold-source, data-target-precision,
+data-score (cosine | sscd-normalised). These carry the same facts as the JSON/CSV reports.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+
+from PIL import Image
+
+from mgdedup.duplicates.find import DedupResult
+from mgdedup.duplicates.report_text import FileFacts
+from mgdedup.imaging.reading import ImageReadError, open_rgb
+
+log = logging.getLogger(__name__)
+
+JPEG_QUALITY = 70
+DATA_URI_PREFIX = "data:image/jpeg;base64,"
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A JPEG data URI and its size, or the reason there is none."""
+
+    uri: str | None
+    width: int = 0
+    height: int = 0
+    reason: str = ""
+
+
+def make_thumbnail(path: str | Path, thumb_px: int = 160) -> Thumbnail:
+    """Upright RGB thumbnail of `path`, longest side at most `thumb_px`, as a JPEG data URI.
+
+    Never raises for a bad file: the reason is returned instead.
+    """
+    def needed(size: tuple[int, int]) -> tuple[int, int]:  # lets a JPEG draft-decode
+        scale = min(1.0, thumb_px / max(size))
+        return math.ceil(size[0] * scale), math.ceil(size[1] * scale)
+
+    try:
+        image, _ = open_rgb(path, min_size=needed)
+        image.thumbnail((thumb_px, thumb_px), Image.Resampling.LANCZOS, reducing_gap=2.0)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+    except ImageReadError as error:
+        return Thumbnail(None, reason=error.reason)
+    except Exception as error:  # a report must never die on one file
+        log.debug("thumbnail of %s failed", path, exc_info=True)
+        return Thumbnail(None, reason=f"cannot make a thumbnail ({type(error).__name__})")
+    uri = DATA_URI_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return Thumbnail(uri, image.width, image.height)
+
+
+def human_bytes(count: int) -> str:
+    """Decimal units as the table report prints them: 999 B, 1.2 kB, 3.4 MB, 5.6 GB."""
+    if count < 1000:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("kB", "MB", "GB", "TB", "PB"):
+        value /= 1000
+        if value < 999.95 or unit == "PB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _thumbnails(paths: Iterable[str], thumb_px: int, workers: int) -> dict[str, Thumbnail]:
+    """One thumbnail per distinct path; decoding releases the GIL, so threads help."""
+    unique = list(dict.fromkeys(paths))
+    if workers <= 1 or len(unique) < 2:
+        return {path: make_thumbnail(path, thumb_px) for path in unique}
+    with ThreadPoolExecutor(max_workers=min(workers, len(unique))) as pool:
+        return dict(zip(unique, pool.map(lambda p: make_thumbnail(p, thumb_px), unique)))
+
+
+#: the tooltip of a duplicate's score, by the kind of score the report shows
+SCORE_TITLES = {
+    "cosine": "cosine similarity to the keeper",
+    "sscd-normalised": "similarity to the keeper minus the two images' mean similarity to "
+                       "their other neighbours (SSCD-style normalised score)",
+}
+
+
+def _figure(facts: FileFacts, thumb: Thumbnail, role: str, score: float | None,
+            thumb_px: int, score_kind: str = "cosine") -> str:
+    path = escape(facts.path, quote=True)
+    name = escape(os.path.basename(facts.path) or facts.path, quote=True)
+    if thumb.uri is not None:
+        picture = (f'<img src="{thumb.uri}" width="{thumb.width}" height="{thumb.height}" '
+                   f'loading="lazy" decoding="async" alt="{name}">')
+    else:
+        reason = escape(thumb.reason or "unreadable", quote=True)
+        picture = (f'<div class="placeholder" role="img" aria-label="{name}: {reason}">'
+                   f'{reason}</div>')
+    if role == "keeper":
+        badge = '<span class="badge keep">keep</span>'
+        similarity = ""
+    else:
+        badge = '<span class="badge dup">duplicate</span>'
+        title = escape(SCORE_TITLES[score_kind], quote=True)
+        similarity = f'<span class="score" title="{title}">{score:.3f}</span>'
+    score_attr = f' data-score="{score:.6f}"' if score is not None else ""
+    return (
+        f'<figure class="image" data-role="{role}" data-path="{path}" '
+        f'data-width="{facts.width}" data-height="{facts.height}" data-bytes="{facts.size}"'
+        f'{score_attr}>'
+        f'<div class="thumb" style="height:{thumb_px}px">{picture}</div>'
+        f'<figcaption><div class="line">{badge}{similarity}</div>'
+        f'<div class="facts">{facts.width}\u00d7{facts.height} \u00b7 '
+        f'{escape(human_bytes(facts.size))}</div>'
+        f'<div class="path" title="{path}">{path}</div></figcaption></figure>'
+    )
+
+
+_CSS = """
+:root { color-scheme: light; --ink: #1d2330; --muted: #5b6475; --line: #d9dde5;
+  --card: #fff; --page: #f3f5f8; --keep: #17803d; --dup: #a35b00; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--page); color: var(--ink);
+  font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+header { padding: 20px 24px 12px; background: var(--card); border-bottom: 1px solid var(--line); }
+h1 { margin: 0 0 10px; font-size: 20px; }
+.summary { display: flex; flex-wrap: wrap; gap: 8px 28px; margin: 0; }
+.summary div { display: flex; flex-direction: column; }
+.summary dt { color: var(--muted); font-size: 12px; text-transform: uppercase;
+  letter-spacing: .04em; }
+.summary dd { margin: 0; font-size: 18px; font-weight: 600; font-variant-numeric: tabular-nums; }
+main { padding: 16px 24px 40px; }
+.empty { color: var(--muted); font-size: 16px; }
+.group { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+  margin: 0 0 16px; padding: 12px 16px 14px;
+  content-visibility: auto; contain-intrinsic-size: auto 300px; }
+.group h2 { margin: 0 0 10px; font-size: 15px; }
+.group h2 small { color: var(--muted); font-weight: 400; }
+.images { display: flex; flex-wrap: wrap; gap: 12px; }
+.image { margin: 0; width: max(200px, calc(var(--thumb, 160px) + 20px)); padding: 8px;
+  border: 1px solid var(--line); border-radius: 6px; background: var(--card); }
+.image[data-role="keeper"] { border: 2px solid var(--keep); background: #f2fbf5; }
+.thumb { display: flex; align-items: center; justify-content: center; overflow: hidden; }
+.thumb img { max-width: 100%; max-height: 100%; display: block; }
+.placeholder { width: 100%; height: 100%; display: flex; align-items: center;
+  justify-content: center; text-align: center; padding: 8px; background: #c9ccd2;
+  color: #3a3f49; font-size: 12px; border-radius: 4px; overflow-wrap: anywhere; }
+figcaption { margin-top: 6px; }
+.line { display: flex; justify-content: space-between; align-items: center; }
+.badge { font-size: 11px; font-weight: 700; text-transform: uppercase; letter-spacing: .05em;
+  padding: 1px 6px; border-radius: 3px; color: #fff; }
+.badge.keep { background: var(--keep); }
+.badge.dup { background: var(--dup); }
+.score { font-weight: 600; font-variant-numeric: tabular-nums; }
+.facts { color: var(--muted); font-variant-numeric: tabular-nums; }
+.path { font: 11px/1.3 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  overflow-wrap: anywhere; user-select: all; }
+@media print {
+  body { background: #fff; }
+  header { border: 0; }
+  .group { content-visibility: visible; break-inside: avoid; border-color: #999; }
+  .image { break-inside: avoid; }
+}
+"""
+
+# no scripts, no fonts, no fetches: images only from data: URIs, styles only inline
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def render_html(result: DedupResult, title: str = "mgdedup duplicates",
+                thumb_px: int = 160, *, workers: int | None = None) -> str:
+    """The whole report as one HTML document (a string; see `write_html`).
+
+    `workers` threads decode thumbnails (default: up to 8, by CPU count).
+    """
+    if thumb_px < 1:
+        raise ValueError("thumb_px must be positive")
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    facts = result.facts
+    score_kind = "sscd-normalised" if result.score_norm is not None else "cosine"
+    rows = [row for group in result.groups
+            for row in (group.keeper, *(member for member, _ in group.members))]
+    thumbs = _thumbnails((facts[row].path for row in rows), thumb_px, workers)
+
+    summary = [
+        ("images indexed", f"{len(facts):,}"),
+        ("groups", f"{len(result.groups):,}"),
+        ("duplicates", f"{result.duplicate_count:,}"),
+        ("reclaimable", human_bytes(result.reclaimable_bytes)),
+        ("threshold", f"{result.threshold:.3f}"),
+    ]
+    # the exact numbers behind the summary, for programs (the JSON/CSV reports carry them too)
+    target = result.target_precision
+    exact = {
+        "images": len(facts), "groups": len(result.groups),
+        "duplicates": result.duplicate_count, "reclaimable-bytes": result.reclaimable_bytes,
+        "threshold": f"{result.threshold:g}",
+        "threshold-source": result.threshold_source,
+        "target-precision": "" if target is None else f"{target:g}",
+        "score": score_kind,
+    }
+    data = " ".join(f'data-{key}="{escape(str(value), quote=True)}"'
+                    for key, value in exact.items())
+    parts = [
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
+        '<meta name="generator" content="mgdedup">\n',
+        f"<title>{escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n",
+        f'<body style="--thumb: {thumb_px}px">\n',
+        f"<header>\n<h1>{escape(title)}</h1>\n<dl class=\"summary\" {data}>",
+        "".join(f'<div data-key="{escape(key, quote=True)}"><dt>{escape(key)}</dt>'
+                f"<dd>{escape(value)}</dd></div>" for key, value in summary),
+        "</dl>\n</header>\n<main>\n",
+    ]
+    if not result.groups:
+        parts.append('<p class="empty">No duplicate groups at this threshold.</p>\n')
+    for number, group in enumerate(result.groups, start=1):
+        count = len(group.members)
+        keeper = facts[group.keeper]
+        parts.append(
+            f'<section class="group" data-group="{number}" data-size="{count + 1}" '
+            f'data-reclaimable-bytes="{sum(facts[r].size for r, _ in group.members)}">'
+            f'<h2>Group {number} '
+            f"<small>\u00b7 keep 1, {count} duplicate{'s' if count != 1 else ''} \u00b7 "
+            f"{escape(human_bytes(sum(facts[r].size for r, _ in group.members)))} "
+            f"reclaimable</small></h2><div class=\"images\">")
+        parts.append(_figure(keeper, thumbs[keeper.path], "keeper", None, thumb_px))
+        for row, score in group.members:
+            member = facts[row]
+            parts.append(_figure(member, thumbs[member.path], "member", score, thumb_px,
+                                 score_kind))
+        parts.append("</div></section>\n")
+    parts.append("</main>\n</body>\n</html>\n")
+    return "".join(parts)
+
+
+def write_html(result: DedupResult, path: str | Path, title: str = "mgdedup duplicates",
+               thumb_px: int = 160) -> Path:
+    """Render and write the report atomically (a temporary file beside it, then os.replace).
+
+    Whether an existing file may be replaced is the caller's decision.
+    """
+    path = Path(path)
+    document = render_html(result, title=title, thumb_px=thumb_px)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(document)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+

@@ -1,0 +1,133 @@
+"""Duplicate groups rendered for people (table) and for programs (JSON, CSV) on stdout."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from mgdedup.duplicates.grouping import Group
+
+
+@dataclass
+class FileFacts:
+    """What a report says about one indexed file."""
+
+    path: str  # absolute
+    width: int
+    height: int
+    size: int
+
+
+def _group_bytes(group: Group, facts: Sequence[FileFacts]) -> int:
+    return sum(facts[row].size for row, _ in group.members)
+
+
+def groups_to_json(groups: Sequence[Group], facts: Sequence[FileFacts], threshold: float, *,
+                   threshold_source: str | None = None, target_precision: float | None = None,
+                   normalised: bool = False) -> str:
+    """Everything the HTML report shows, for programs.
+
+    Kept from the first version: "threshold", and per group "keeper" (path) and "members"
+    (path, score). Added: "threshold_source" (threshold | measured | default | precision),
+    "target_precision", "score" (cosine | sscd-normalised), "summary" (images indexed, groups,
+    duplicates, reclaimable bytes, threshold), per group its number, size and reclaimable
+    bytes, member width/height/bytes, and "files": keeper then members with role, path,
+    width, height, bytes and score (similarity to the keeper; null for the keeper).
+    """
+    summary = {
+        "images": len(facts),
+        "groups": len(groups),
+        "duplicates": sum(len(group.members) for group in groups),
+        "reclaimable_bytes": sum(_group_bytes(group, facts) for group in groups),
+        "threshold": threshold,
+        "threshold_source": threshold_source,
+        "target_precision": target_precision,
+    }
+
+    def entry(row: int, role: str, score: float | None) -> dict[str, object]:
+        fact = facts[row]
+        return {"role": role, "path": fact.path, "width": fact.width, "height": fact.height,
+                "bytes": fact.size, "score": None if score is None else round(score, 6)}
+
+    document = {
+        "threshold": threshold,
+        "threshold_source": threshold_source,
+        "target_precision": target_precision,
+        "score": "sscd-normalised" if normalised else "cosine",
+        "summary": summary,
+        "groups": [
+            {
+                "group": number,
+                "size": 1 + len(group.members),
+                "reclaimable_bytes": _group_bytes(group, facts),
+                "keeper": facts[group.keeper].path,
+                "members": [{"path": facts[row].path, "score": round(score, 6),
+                             "width": facts[row].width, "height": facts[row].height,
+                             "bytes": facts[row].size}
+                            for row, score in group.members],
+                "files": [entry(group.keeper, "keeper", None),
+                          *(entry(row, "member", score) for row, score in group.members)],
+            }
+            for number, group in enumerate(groups, start=1)
+        ],
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2)
+
+
+#: the first seven columns are the original ones, in their order
+CSV_COLUMNS = ("group", "role", "path", "score", "width", "height", "bytes", "group_size",
+               "group_reclaimable_bytes", "images_indexed", "threshold", "threshold_source")
+
+
+def groups_to_csv(groups: Sequence[Group], facts: Sequence[FileFacts],
+                  threshold: float | None = None, *, threshold_source: str | None = None,
+                  normalised: bool = False) -> str:
+    """One row per file of every group, keeper first; the run's facts (images indexed,
+    threshold and how it was chosen) repeat on every row so each row stands alone.
+
+    The keeper's score is "1.0" (itself) for cosine scores and empty for normalised ones,
+    where a self-similarity is meaningless.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    shared = [len(facts), "" if threshold is None else f"{threshold:g}",
+              threshold_source or ""]
+    for number, group in enumerate(groups, start=1):
+        keeper = facts[group.keeper]
+        per_group = [1 + len(group.members), _group_bytes(group, facts)]
+        writer.writerow([number, "keeper", keeper.path, "" if normalised else "1.0",
+                         keeper.width, keeper.height, keeper.size, *per_group, *shared])
+        for row, score in group.members:
+            member = facts[row]
+            writer.writerow([number, "member", member.path, f"{score:.6f}", member.width,
+                             member.height, member.size, *per_group, *shared])
+    return buffer.getvalue()
+
+
+def print_groups_table(groups: Sequence[Group], facts: Sequence[FileFacts],
+                       console: Console) -> None:
+    """One block per group: the keeper first, then members by decreasing similarity."""
+    for number, group in enumerate(groups, start=1):
+        table = Table(title=f"group {number}", title_justify="left", show_edge=False,
+                      pad_edge=False, expand=False)
+        table.add_column("", no_wrap=True)
+        table.add_column("score", justify="right", no_wrap=True)
+        table.add_column("pixels", justify="right", no_wrap=True)
+        table.add_column("bytes", justify="right", no_wrap=True)
+        table.add_column("path", overflow="fold")
+        keeper = facts[group.keeper]
+        table.add_row("keep", "", f"{keeper.width}x{keeper.height}", f"{keeper.size:,}",
+                      keeper.path)
+        for row, score in group.members:
+            member = facts[row]
+            table.add_row("dup", f"{score:.3f}", f"{member.width}x{member.height}",
+                          f"{member.size:,}", member.path)
+        console.print(table)
+        console.print()

@@ -1,0 +1,376 @@
+"""ONNX Runtime forward path for the EfficientNet-Lite0 trunk on CPU (issue 5).
+
+Why: on this kind of machine the same network runs 2-3x faster in ONNX Runtime than in PyTorch
+eager (DESIGN.md, "Performance facts"), and the forward pass is most of the indexing time.
+
+Export strategy. TF "same" padding makes every stride-2 conv's padding depend on the parity of
+its input size (see `mgdedup.model.trunks.efficientnet_lite`): an ONNX Conv takes its pads as static
+attributes, and `torch.onnx.export` cannot trace the trunk as it is (the BatchNorm-folded kernel
+is computed in the forward pass, and the padding branch depends on the input shape). So the
+graph is written directly with `onnx.helper` from the trunk's weights, BatchNorm folded exactly
+as `conv_bn` folds it, once per *padding class*: the parities of the inputs of the five stride-2
+convs along H and along W (a function of H mod 32 and W mod 32). Within a class H, W and the
+batch are dynamic axes, so one 500x375 graph serves every 4:3 landscape photo at s* = 500.
+Writing a graph takes milliseconds. Each class's graph is checked against the PyTorch trunk on
+a small input of the same class when it is written (a graph that disagrees is deleted and never
+used), then cached as `$XDG_CACHE_HOME/mgdedup/onnx/<weights fingerprint>-<variant>.onnx`
+(written atomically; the variant names the writer's version, the onnxruntime version, the
+precision and the class), so later runs load it without any PyTorch forward, which would cost
+0.3-1 s per new shape for oneDNN's kernel set-up. torch.onnx.export is not used: its TorchScript
+exporter rejects the trunk ("convolution for kernel of unknown shape", the folded kernel), and
+since ONNX Conv pads are static any exporter would need one graph per class as well.
+
+GeM (with p*) stays in torch on the returned feature map: the same code as the PyTorch path,
+and <1 % of the time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mgdedup.cpus import available_cpus
+
+log = logging.getLogger(__name__)
+
+#: bumped whenever the graph written for a class changes, so old cache files are not reused
+GRAPH_VERSION = 1
+OPSET = 17
+#: max |ORT - torch| / max|torch| on the check input of a class; fp32 differences are ~1e-6
+CHECK_TOLERANCE = 1e-4
+#: stride-2 convs in EfficientNet-Lite0 (stem + first block of four stages): 2^5 = 32
+STRIDE2_LAYERS = 5
+#: images per ONNX Runtime call. On CPU batch 1 ran as fast as batch 16 or faster (A/B under
+#: load, 500x375: 58-78 vs 72-91 CPU ms per image through the shared arena), and the activation
+#: memory ORT keeps reserved grows with the batch (~650 MB at 16 x 500x375, ~40 MB per image).
+MAX_BATCH = 1
+#: sessions kept per OnnxTrunk (least recently used dropped): each holds ~65 MB of weights and
+#: prepacked copies, and a collection of many aspect ratios can meet 64 classes at s* = 500;
+#: a dropped one is reloaded from the cached file in ~0.05 s.
+MAX_SESSIONS = 16
+
+_shared_allocator = False
+
+
+class OnnxUnavailable(RuntimeError):
+    """The ONNX path cannot be used here (missing package, unsupported trunk, failed check)."""
+
+
+def cache_dir() -> Path:
+    """Where exported graphs live: regenerable, so under the user's cache directory."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mgdedup" / "onnx"
+
+
+def _parities(size: int) -> tuple[int, ...]:
+    bits = []
+    for _ in range(STRIDE2_LAYERS):
+        bits.append(size % 2)
+        size = -(-size // 2)  # ceil(size / 2): the TF "same" output size
+    return tuple(bits)
+
+
+def padding_class(height: int, width: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Parities of the inputs of the stride-2 convs along H and W: what fixes all padding."""
+    return _parities(height), _parities(width)
+
+
+def class_name(key: tuple[tuple[int, ...], tuple[int, ...]]) -> str:
+    return "h" + "".join(map(str, key[0])) + "-w" + "".join(map(str, key[1]))
+
+
+def supports(trunk: torch.nn.Module) -> bool:
+    """Only our own EfficientNet-Lite0 has a graph writer; other trunks stay in torch."""
+    from mgdedup.model.trunks.efficientnet_lite import EfficientNetLite0
+
+    return isinstance(trunk, EfficientNetLite0)
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise OnnxUnavailable("onnxruntime is not installed") from error
+    return onnxruntime
+
+
+def _share_allocator(ort: Any) -> bool:
+    """One CPU arena for every session of the process (once per process). Each session has its
+    own arena otherwise, and keeps its peak: with one session per padding class, a collection
+    of many image shapes held ~650 MB per class (measured: 4 classes, 3.4 GB)."""
+    global _shared_allocator
+    if not _shared_allocator:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                     ort.OrtMemType.DEFAULT)
+            # extend by what is asked (strategy 1), not to the next power of two
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+            _shared_allocator = True
+        except Exception as error:  # noqa: BLE001 - ORT errors are bare Exceptions
+            log.debug("no shared ONNX Runtime allocator (%s): one arena per session", error)
+    return _shared_allocator
+
+
+class _GraphWriter:
+    """Accumulates ONNX nodes and initialisers for one padding class."""
+
+    def __init__(self, key: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.h_bits, self.w_bits = iter(key[0]), iter(key[1])
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.count = 0
+
+    def name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}_{self.count}"
+
+    def const(self, prefix: str, array: np.ndarray) -> str:
+        name = self.name(prefix)
+        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs: Any) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(self.helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def conv_bn(self, x: str, conv: Any, bn: Any) -> str:
+        """Conv with BatchNorm folded exactly as `efficientnet_lite.conv_bn` folds it, and the
+        TF "same" pads of this class as static (top, left, bottom, right) attributes."""
+        with torch.no_grad():
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous()
+            bias = bn.bias - bn.running_mean * scale
+        kh, kw = conv.kernel_size
+        if conv.stride == (1, 1):
+            pads = [kh // 2, kw // 2, kh // 2, kw // 2]
+        else:
+            # stride 2: total = k - 2 for an even input, k - 1 for an odd one; extra at the end
+            th, tw = kh - 2 + next(self.h_bits), kw - 2 + next(self.w_bits)
+            pads = [th // 2, tw // 2, th - th // 2, tw - tw // 2]
+        w = self.const("w", weight.numpy().astype(np.float32))
+        b = self.const("b", bias.numpy().astype(np.float32))
+        return self.node("Conv", [x, w, b], kernel_shape=[kh, kw], strides=list(conv.stride),
+                         pads=pads, group=conv.groups, dilations=[1, 1])
+
+    def relu6(self, x: str) -> str:
+        lo = self.const("zero", np.array(0.0, np.float32))
+        hi = self.const("six", np.array(6.0, np.float32))
+        return self.node("Clip", [x, lo, hi])
+
+
+def build_lite0_graph(trunk: torch.nn.Module,
+                      key: tuple[tuple[int, ...], tuple[int, ...]]) -> bytes:
+    """Serialized ONNX model: images (B, 3, H, W) in [0, 1] -> features (B, 1280, h, w)."""
+    from onnx import TensorProto, checker, helper
+
+    g = _GraphWriter(key)
+    # (x*255 - 127)/128, as EfficientNetLite0.normalize (two ops, same constants)
+    x = g.node("Mul", ["images", g.const("scale", np.array(255.0 / 128.0, np.float32))])
+    x = g.node("Sub", [x, g.const("shift", np.array(127.0 / 128.0, np.float32))])
+    x = g.relu6(g.conv_bn(x, trunk._conv_stem, trunk._bn0))
+    for block in trunk._blocks:
+        inputs = x
+        if block.has_expand:
+            x = g.relu6(g.conv_bn(x, block._expand_conv, block._bn0))
+        x = g.relu6(g.conv_bn(x, block._depthwise_conv, block._bn1))
+        x = g.conv_bn(x, block._project_conv, block._bn2)
+        if block.has_skip:
+            x = g.node("Add", [x, inputs])
+    x = g.relu6(g.conv_bn(x, trunk._conv_head, trunk._bn1))
+    g.nodes.append(helper.make_node("Identity", [x], ["features"]))
+    graph = helper.make_graph(
+        g.nodes, "mgdedup_efficientnet_lite0_features",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                       ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT,
+                                       ["batch", trunk.feature_dim, "fh", "fw"])],
+        initializer=g.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="mgdedup")
+    model.ir_version = 8  # readable by every onnxruntime >= 1.14
+    checker.check_model(model)
+    return model.SerializeToString()
+
+
+def split_weights(model_bytes: bytes, weights_name: str) -> tuple[bytes, bytes]:
+    """(graph, weights): the initialisers moved to one external file `weights_name`.
+
+    Every padding class has the same initialisers in the same order (classes differ only in
+    Conv pads), so all classes of one model share one weights file and each cached graph is a
+    few kB instead of ~19 MB.
+    """
+    from onnx import ModelProto, TensorProto
+
+    model = ModelProto()
+    model.ParseFromString(model_bytes)
+    blob = bytearray()
+    for tensor in model.graph.initializer:
+        raw = tensor.raw_data
+        offset = len(blob)
+        blob += raw
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", weights_name), ("offset", str(offset)),
+                           ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return model.SerializeToString(), bytes(blob)
+
+
+def weights_fingerprint(trunk: torch.nn.Module, name: str) -> str:
+    """Digest of the trunk's weights as they are now, in `MultiGrainModel.fingerprint`'s format
+    (equal to it for an unmodified model; that one is cached and goes stale when a model is
+    fine-tuned in place, which must never reuse a graph of the old weights)."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(name.encode())
+    for key, value in sorted(trunk.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return f"{name}-{digest.hexdigest()}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Concurrent processes may export the same class: each writes aside, then renames."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class OnnxTrunk:
+    """Runs `trunk.forward_features` through ONNX Runtime, one session per padding class."""
+
+    def __init__(self, trunk: torch.nn.Module, name: str = "efficientnet_lite0", *,
+                 threads: int | None = None, cache: Path | None = None,
+                 max_sessions: int | None = None, fingerprint: str | None = None) -> None:
+        self.ort = _import_ort()
+        try:
+            import onnx  # noqa: F401  (the graph writer needs it)
+        except ImportError as error:
+            raise OnnxUnavailable("onnx is not installed") from error
+        if not supports(trunk):
+            raise OnnxUnavailable(f"no ONNX graph writer for {type(trunk).__name__}")
+        self.trunk = trunk.eval()
+        self.name = name
+        self.max_sessions = max(1, max_sessions or MAX_SESSIONS)
+        # a worker process is handed the parent's (hashing the weights again costs ~50 ms)
+        self.fingerprint = fingerprint or weights_fingerprint(trunk, name)
+        self.threads = threads or available_cpus()
+        self.cache = cache or cache_dir()
+        self.sessions: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], Any] = OrderedDict()
+
+    def model_path(self, key: tuple[tuple[int, ...], tuple[int, ...]]) -> Path:
+        """Cache file: the weights, the graph writer and the runtime that checked it."""
+        variant = f"v{GRAPH_VERSION}-ort{self.ort.__version__}-fp32-{class_name(key)}"
+        return self.cache / f"{self.fingerprint}-{variant}.onnx"
+
+    def weights_path(self) -> Path:
+        """The one weights file every class's graph of this model refers to."""
+        return self.cache / f"{self.fingerprint}-v{GRAPH_VERSION}.weights"
+
+    def _write_checked(self, key: tuple[tuple[int, ...], tuple[int, ...]]) -> Any:
+        """Write the graph of a class, check it against PyTorch, keep the file only if good."""
+        path, weights = self.model_path(key), self.weights_path()
+        log.info("writing ONNX graph %s", path)
+        graph, blob = split_weights(build_lite0_graph(self.trunk, key), weights.name)
+        wrote_weights = False
+        if not weights.is_file() or weights.stat().st_size != len(blob):
+            _write_atomic(weights, blob)
+            wrote_weights = True
+        _write_atomic(path, graph)
+        try:
+            session = self._new_session(path)
+            self._check(session, key)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            if wrote_weights:
+                weights.unlink(missing_ok=True)
+            raise
+        return session
+
+    def _new_session(self, path: Path) -> Any:
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle threads sleep instead of spinning: decoding workers share these cores, and
+        # spinning halved the throughput (and doubled the CPU time per image) when they did.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if _share_allocator(self.ort):
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        return self.ort.InferenceSession(str(path), options,
+                                         providers=["CPUExecutionProvider"])
+
+    def session(self, height: int, width: int) -> Any:
+        """The session for inputs of this size. A class's graph is checked against PyTorch when
+        it is written; a cached file is that checked graph (its name holds the weights' digest,
+        the writer's version and the runtime's), so loading it costs no PyTorch forward."""
+        key = padding_class(height, width)
+        if key in self.sessions:
+            self.sessions.move_to_end(key)
+            return self.sessions[key]
+        while len(self.sessions) >= self.max_sessions:
+            self.sessions.popitem(last=False)
+        path = self.model_path(key)
+        if not path.is_file():
+            session = self._write_checked(key)
+        else:
+            try:
+                session = self._new_session(path)
+            except Exception as error:  # noqa: BLE001 - ORT errors are bare Exceptions
+                log.warning("cached ONNX graph %s unusable (%s); writing it again", path, error)
+                path.unlink(missing_ok=True)
+                session = self._write_checked(key)
+        self.sessions[key] = session
+        return session
+
+    def _check(self, session: Any, key: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        """Compare with the PyTorch trunk on a small input of the same padding class."""
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(1, 3, _smallest_size(key[0]), _smallest_size(key[1]),
+                            generator=generator)
+        with torch.inference_mode():
+            expected = self.trunk.forward_features(images).numpy()
+        got = session.run(None, {"images": images.numpy()})[0]
+        if got.shape != expected.shape:
+            raise OnnxUnavailable(f"ONNX output shape {got.shape} != torch {expected.shape}")
+        error = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-6))
+        log.debug("ONNX class %s: relative max difference %.2e", class_name(key), error)
+        if not error <= CHECK_TOLERANCE:
+            raise OnnxUnavailable(f"ONNX output differs from torch by {error:.2e} (relative)")
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) float32 in [0, 1] on CPU -> (B, C, h, w) feature map as a torch tensor."""
+        batch = images.detach().to(torch.float32).contiguous().numpy()
+        session = self.session(batch.shape[2], batch.shape[3])
+        parts = [session.run(None, {"images": batch[i:i + MAX_BATCH]})[0]
+                 for i in range(0, len(batch), MAX_BATCH)]
+        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def _smallest_size(parities: tuple[int, ...]) -> int:
+    """Smallest size >= 33 of this padding class (a 2x2 feature map at least: cheap to check)."""
+    for size in range(33, 33 + 2 ** STRIDE2_LAYERS):
+        if padding_class(size, size)[0] == parities:
+            return size
+    raise ValueError(f"no size has stride-2 parities {parities}")

@@ -1,0 +1,1 @@
+"""File-system helpers every area shares: atomic writes, user directories, content digests."""

@@ -1,0 +1,340 @@
+"""Incremental indexing: embed what is new or changed, drop what is gone, keep the rest.
+
+The HDF5 rows are the source of truth and are appended batch by batch, so an interrupted run
+keeps its finished batches and the next run continues from there. Files that cannot be read go
+to `errors.jsonl` with a reason; they never stop the run. One writer at a time: an update
+holds `IDX/lock` (see `mgdedup.index.lock`); readers never wait for it. `faiss.index` is rebuilt
+whenever it is stale, so a run killed between its last append and the FAISS save is repaired
+by the next run even when nothing is left to embed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mgdedup.embedding.embedder import EmbeddedBatch, Embedder
+from mgdedup.errors import MgdedupError
+from mgdedup.imaging.scan import ScannedFile, scan_images
+from mgdedup.index.faiss_index import (
+    build_index,
+    check_factory,
+    is_stale,
+    resolve_factory,
+    save_index,
+)
+from mgdedup.index.layout import ERRORS_NAME, FAISS_NAME, H5_NAME, remember_index
+from mgdedup.index.lock import IndexLock
+from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
+from mgdedup.model.multigrain import MultiGrainModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexSummary:
+    index_dir: Path
+    total: int  # rows in the index after the run
+    embedded: int  # new or changed files embedded in this run
+    unchanged: int
+    removed: int  # rows dropped: files deleted or changed since the last run
+    skipped: int  # files that could not be read (listed in errors.jsonl)
+
+    @property
+    def errors_path(self) -> Path:
+        return self.index_dir / ERRORS_NAME
+
+
+@dataclass
+class ProgressHooks:
+    """How the caller hears about progress (the CLI draws a bar; the library stays silent)."""
+
+    start: Callable[[int], None] = lambda total: None
+    advance: Callable[[int], None] = lambda count: None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Worker `k` of `n` (1-based, as written on the command line: ``--shard 2/4``).
+
+    A file belongs to the shard picked by a hash of its path relative to its root, so every
+    worker decides alone, without talking to the others, and a file keeps its shard when
+    files are added or removed (only the new ones are assigned).
+    """
+
+    k: int
+    n: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.n:
+            raise MgdedupError(f"--shard {self.k}/{self.n}: K must be between 1 and N")
+
+    @classmethod
+    def parse(cls, spec: str) -> Shard:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+        if match is None:
+            raise MgdedupError(f"--shard {spec!r}: expected K/N, e.g. 2/4 (worker 2 of 4)")
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.k}/{self.n}"
+
+    def owns(self, rel: str) -> bool:
+        """True if the file at `rel` (relative to its root, ``/``-separated) is ours."""
+        return shard_of(rel, self.n) == self.k
+
+
+def shard_of(rel: str, n: int) -> int:
+    """The shard (1..n) of a path relative to its root: blake2b, stable across runs,
+    machines and Python versions (unlike ``hash()``)."""
+    digest = hashlib.blake2b(rel.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n + 1
+
+
+def expected_meta(embedder: Embedder, model_name: str, roots: list[str]) -> IndexMeta:
+    return model_meta(embedder.model, model_name, embedder.resolution, roots)
+
+
+def model_meta(model: MultiGrainModel, model_name: str, resolution: int,
+               roots: list[str]) -> IndexMeta:
+    """What rows embedded by `model` at `resolution` are; needs no Embedder, so a run with
+    nothing to embed never builds one (ONNX export, worker start-up)."""
+    whitening = model.whitening_for(resolution)
+    return IndexMeta(
+        model_id=model.fingerprint(), model_name=model_name, resolution=resolution,
+        p=float(model.p_for(resolution)),
+        whitening_id=whitening.identifier if whitening is not None else "",
+        dim=model.descriptor_dim(resolution), roots=roots,
+        threshold=model.default_threshold(resolution),
+    )
+
+
+def check_compatible(found: IndexMeta, wanted: IndexMeta, index_dir: Path) -> None:
+    """Refuse to mix descriptors of different models, resolutions or exponents in one index,
+    or the files of different shards."""
+    if found.shard != wanted.shard:
+        def what(shard: str | None) -> str:
+            return f"shard {shard}" if shard else "a whole (unsharded) index"
+
+        raise MgdedupError(f"{index_dir} holds {what(found.shard)}; this run asks for "
+                           f"{what(wanted.shard)}: use another --out (or --rebuild)")
+    if found.mismatch(wanted) is not None:
+        raise MgdedupError(
+            f"{index_dir} holds descriptors of model {found.model_name} at resolution "
+            f"{found.resolution} (p*={found.p:g}); this run asks for {wanted.model_name} at "
+            f"{wanted.resolution} (p*={wanted.p:g}): use --rebuild to replace it or --out for "
+            "a separate index"
+        )
+
+
+def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
+                 model_name: str, resolution: int, *, batch_size: int = 16,
+                 workers: int | None = None, rebuild: bool = False, device: str = "cpu",
+                 progress: ProgressHooks | None = None, shard: Shard | str | None = None,
+                 factory: str | None = None) -> IndexSummary:
+    """Bring the index in `index_dir` up to date with the images below `roots`.
+
+    `shard` ("K/N" or a Shard): embed only this worker's share of the files; the index
+    records it, and `mgdedup merge` combines the N shard indexes. `factory`: FAISS factory
+    string to build and remember ("auto": back to the automatic choice); None keeps the one
+    the index remembers.
+    """
+    progress = progress or ProgressHooks()
+    index_dir = Path(index_dir).resolve()
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        # checked here too: the Embedder is only built when something needs embedding
+        raise MgdedupError(f"--device {device}: no CUDA GPU is available here")
+    if isinstance(shard, str):
+        shard = Shard.parse(shard)
+    if factory is not None:
+        # fail fast on a typo, before any scanning
+        factory = check_factory(factory, model.descriptor_dim(resolution))
+    # scan before locking: a missing folder or one without images must not get an index dir
+    files, scan_errors = scan_images([Path(r).expanduser() for r in roots],
+                                     skip_dirs=(".mgdedup", index_dir.name),
+                                     known=_known_files(index_dir / H5_NAME, rebuild))
+    inside = str(index_dir) + os.sep
+    files = [f for f in files if not str(f.path).startswith(inside)]
+    if not files:
+        where = ", ".join(str(r) for r in roots)
+        unreadable = f" ({len(scan_errors)} unreadable files)" if scan_errors else ""
+        raise MgdedupError(f"no images found in {where}{unreadable}")
+    if shard is not None:  # an empty share is fine: the shard index is then empty
+        files = [f for f in files if shard.owns(f.rel)]
+        scan_errors = [e for e in scan_errors if _error_shard(e[0], roots, shard.n) == shard.k]
+    with IndexLock(index_dir):  # one writer per index; readers never take it
+        summary = _update_locked(roots, files, scan_errors, index_dir, model, model_name,
+                                 resolution, batch_size=batch_size, workers=workers,
+                                 rebuild=rebuild, device=device, progress=progress,
+                                 shard=shard, factory=factory)
+    remember_index(index_dir)
+    return summary
+
+
+def _known_files(h5_path: Path, rebuild: bool) -> dict[tuple[str, str], tuple[int, int]]:
+    """(root, rel) -> (size, mtime_ns) of the rows already indexed, so the scan only stats
+    them (read without the lock: a snapshot is enough, `_plan` decides under the lock)."""
+    if rebuild or not h5_path.is_file():
+        return {}
+    try:
+        with IndexStore.open(h5_path) as store:
+            roots = store.meta.roots
+            return {(roots[r], rel): (size, mtime) for r, rel, size, mtime in zip(
+                store.read("root").tolist(), store.read("paths").tolist(),
+                store.read("size").tolist(), store.read("mtime_ns").tolist())}
+    except MgdedupError:
+        return {}  # unreadable now: the update under the lock reports it
+
+
+def _error_shard(path: Path, roots: Sequence[Path], n: int) -> int:
+    """The shard reporting an unreadable file: by its path below the root it was found in
+    (shard 1 when it lies below none, e.g. a broken symlink given as a root)."""
+    for root in roots:
+        root = _root_of(Path(root))
+        try:
+            return shard_of(Path(path).relative_to(root).as_posix(), n)
+        except ValueError:
+            continue
+    return 1
+
+
+def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
+                   scan_errors: list[tuple[Path, str]], index_dir: Path,
+                   model: MultiGrainModel, model_name: str, resolution: int, *,
+                   batch_size: int, workers: int | None, rebuild: bool, device: str,
+                   progress: ProgressHooks, shard: Shard | None = None,
+                   factory: str | None = None) -> IndexSummary:
+    h5_path = index_dir / H5_NAME
+    if rebuild:
+        for name in (H5_NAME, FAISS_NAME):
+            (index_dir / name).unlink(missing_ok=True)
+    scanned_roots = sorted({str(f.root) for f in files} | {str(_root_of(r)) for r in roots})
+
+    shard_spec = str(shard) if shard is not None else None
+    if h5_path.exists():
+        store = IndexStore.open(h5_path, mode="a")
+        wanted = model_meta(model, model_name, resolution, store.meta.roots)
+        wanted.shard = shard_spec
+        check_compatible(store.meta, wanted, index_dir)
+        all_roots = list(store.meta.roots)
+        for root in scanned_roots:
+            if root not in all_roots:
+                all_roots.append(root)
+        store.set_roots(all_roots)  # writes nothing when no root is new
+    else:
+        all_roots = scanned_roots
+        meta = model_meta(model, model_name, resolution, all_roots)
+        meta.shard = shard_spec
+        store = _create_store(h5_path, meta)
+    old_factory = store.meta.factory
+    if factory is not None:
+        store.set_options(factory=None if factory.lower() == "auto" else factory,
+                          shard=shard_spec)
+
+    try:
+        to_embed, stale_rows, unchanged = _plan(store, files, set(scanned_roots))
+        if stale_rows:
+            store.remove_rows(np.array(sorted(stale_rows), dtype=np.int64))
+        root_index = {root: i for i, root in enumerate(all_roots)}
+        errors = [(str(path), reason) for path, reason in scan_errors]
+        embedded = 0
+        progress.start(len(to_embed))
+        embedder = Embedder(model, resolution, device=device, batch_size=batch_size,
+                            workers=workers) if to_embed else None
+        batches = embedder.embed_files([f.path for f in to_embed],
+                                       on_progress=progress.advance) if embedder else []
+        for batch in batches:
+            errors.extend((str(to_embed[i].path), reason) for i, reason in batch.errors)
+            if batch.positions:
+                store.append(_rows(batch, to_embed, root_index))
+                embedded += len(batch.positions)
+        total = len(store)
+        _write_errors(index_dir / ERRORS_NAME, errors)
+        # also when nothing changed now: a run killed after its last append left it stale
+        if stale_rows or embedded or store.meta.factory != old_factory \
+                or is_stale(index_dir / FAISS_NAME, h5_path):
+            kind = resolve_factory(store.meta.factory, total)
+            log.info("building FAISS index %r over %d rows", kind, total)
+            save_index(build_index(store, store.meta.dim, kind), index_dir / FAISS_NAME)
+    finally:
+        store.close()
+    return IndexSummary(index_dir=index_dir, total=total, embedded=embedded,
+                        unchanged=unchanged, removed=len(stale_rows), skipped=len(errors))
+
+
+def _create_store(h5_path: Path, meta: IndexMeta) -> IndexStore:
+    """A new empty index, created aside and renamed into place: a run killed while creating
+    it leaves no half-made file that the next run would refuse as corrupt."""
+    tmp = h5_path.with_name(h5_path.name + ".new")
+    tmp.unlink(missing_ok=True)  # left by a killed run; we hold the lock
+    IndexStore.create(tmp, meta).close()
+    os.replace(tmp, h5_path)
+    return IndexStore.open(h5_path, mode="a")
+
+
+def _root_of(path: Path) -> Path:
+    path = Path(path).expanduser().resolve()
+    return path.parent if path.is_file() else path
+
+
+def _plan(store: IndexStore, files: list[ScannedFile],
+          scanned_roots: set[str]) -> tuple[list[ScannedFile], set[int], int]:
+    """Which files to embed, which rows are stale (deleted or changed), how many are kept."""
+    roots = store.meta.roots
+    rels = store.read("paths")
+    root_ids = store.read("root")
+    sizes = store.read("size")
+    mtimes = store.read("mtime_ns")
+    existing = {(roots[r], rel): i for i, (r, rel) in enumerate(zip(root_ids, rels))}
+    to_embed: list[ScannedFile] = []
+    stale: set[int] = set()
+    seen: set[int] = set()
+    for scanned in files:
+        row = existing.get((str(scanned.root), scanned.rel))
+        if row is None:
+            to_embed.append(scanned)
+            continue
+        seen.add(row)
+        if int(sizes[row]) != scanned.size or int(mtimes[row]) != scanned.mtime_ns:
+            stale.add(row)
+            to_embed.append(scanned)
+    for (root, _), row in existing.items():
+        if root in scanned_roots and row not in seen:
+            stale.add(row)  # under a scanned root but gone (or no longer an image)
+    unchanged = len(seen) - len(stale & seen)
+    return to_embed, stale, unchanged
+
+
+def _rows(batch: EmbeddedBatch, files: list[ScannedFile], root_index: dict[str, int]) -> RowBatch:
+    chosen = [files[i] for i in batch.positions]
+    d = batch.descriptors
+    return RowBatch(
+        paths=[f.rel for f in chosen],
+        root=np.array([root_index[str(f.root)] for f in chosen], dtype=np.int32),
+        size=np.array([f.size for f in chosen], dtype=np.int64),
+        mtime_ns=np.array([f.mtime_ns for f in chosen], dtype=np.int64),
+        digest=list(batch.digests),
+        width=np.array([w for w, _ in batch.sizes], dtype=np.int32),
+        height=np.array([h for _, h in batch.sizes], dtype=np.int32),
+        embeddings=d.descriptors, gem_norm=d.gem_norm, white_norm=d.white_norm,
+    )
+
+
+def _write_errors(path: Path, errors: list[tuple[str, str]]) -> None:
+    """Rewritten each run: it lists what the index is missing now."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for file_path, reason in errors:
+            handle.write(json.dumps({"path": file_path, "reason": reason}, ensure_ascii=False))
+            handle.write("\n")
+    os.replace(tmp, path)
+

@@ -1,0 +1,125 @@
+"""Model files: one self-describing file per model, loaded without trusting its contents.
+
+Layout of a model file (a `torch.save` dict, readable with `torch.load(weights_only=True)`):
+    format          "mgdedup-model"
+    format_version  1
+    name, trunk, source     str
+    state_dict      trunk weights including its classifier
+    training_p      float, GeM exponent the weights were trained with
+    p_star          {resolution: p*} measured per test resolution
+    class_names     list[str]
+    whitenings      {resolution: {"mean", "matrix", "resolution", "p"}}
+Foreign checkpoints (torchvision ResNet-50, published MultiGrain) are converted on load.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from mgdedup.errors import MgdedupError
+from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
+from mgdedup.model.trunks import build_trunk
+from mgdedup.model.whitening import ANY_RESOLUTION, Whitening
+
+MODEL_FORMAT = "mgdedup-model"
+MODEL_FORMAT_VERSION = 1
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names in index order, as torchvision ships them (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def load_untrusted(path: Path) -> object:
+    """torch.load with weights_only=True: a model file from anywhere cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise MgdedupError(f"model file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling refused"
+        raise MgdedupError(f"refusing to load {path}: not a plain weights file ({reason[:160]})") from None
+    except Exception as error:  # noqa: BLE001 - any failure means the file is unusable
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MgdedupError(f"cannot read model file {path}: {first_line[:160]}") from None
+
+
+def model_to_dict(model: MultiGrainModel) -> dict:
+    info = model.info
+    return {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "name": info.name,
+        "trunk": info.trunk,
+        "source": info.source,
+        "state_dict": {k: v.detach().cpu() for k, v in model.trunk.state_dict().items()},
+        "training_p": float(info.training_p),
+        "p_star": {int(k): float(v) for k, v in info.p_star.items()},
+        "class_names": list(info.class_names),
+        "whitenings": {int(k): w.to_dict() for k, w in model.whitenings.items()},
+    }
+
+
+def save_model(model: MultiGrainModel, path: Path) -> None:
+    """Write atomically (tmp file then os.replace) so a crash never leaves half a model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model_to_dict(model), tmp)
+    os.replace(tmp, path)
+
+
+def model_from_dict(data: dict, origin: str = "model file") -> MultiGrainModel:
+    """Rebuild a model from the dict layout above."""
+    version = data.get("format_version")
+    if version != MODEL_FORMAT_VERSION:
+        raise MgdedupError(f"{origin} has model format version {version}; this mgdedup reads "
+                           f"version {MODEL_FORMAT_VERSION}")
+    try:
+        info = ModelInfo(
+            name=str(data["name"]), trunk=str(data["trunk"]), source=str(data.get("source", "")),
+            training_p=float(data["training_p"]),
+            p_star={int(k): float(v) for k, v in dict(data.get("p_star", {})).items()},
+            class_names=[str(c) for c in data.get("class_names", [])],
+        )
+        trunk = build_trunk(info.trunk)
+        trunk.load_state_dict(data["state_dict"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MgdedupError(f"{origin} is malformed: {first_line[:160]}") from None
+    whitenings = {int(k): Whitening.from_dict(w) for k, w in dict(data.get("whitenings", {})).items()}
+    return MultiGrainModel(trunk, info, whitenings).eval()
+
+
+def load_model_file(path: Path) -> MultiGrainModel:
+    """Load an mgdedup model file, or convert a torchvision / MultiGrain ResNet-50 checkpoint."""
+    path = Path(path)
+    data = load_untrusted(path)
+    if isinstance(data, dict) and data.get("format") == MODEL_FORMAT:
+        return model_from_dict(data, origin=str(path))
+    if not isinstance(data, dict):
+        raise MgdedupError(f"{path} is not a model file (found a {type(data).__name__})")
+    from mgdedup.model.foreign import convert_state_dict
+
+    converted = convert_state_dict(data)
+    trunk = build_trunk(converted.trunk_name)
+    try:
+        trunk.load_state_dict(converted.trunk_state, strict=True)
+    except RuntimeError as error:
+        raise MgdedupError(f"{path}: weights do not fit {converted.trunk_name}: "
+                           f"{str(error).splitlines()[0][:160]}") from None
+    info = ModelInfo(name=path.stem, trunk=converted.trunk_name, training_p=converted.p,
+                     class_names=imagenet_class_names(), source=converted.source)
+    whitenings = {}
+    if converted.whitening_mean is not None and converted.whitening_matrix is not None:
+        # The published checkpoints do not say at which resolution they were whitened.
+        whitenings[ANY_RESOLUTION] = Whitening(converted.whitening_mean, converted.whitening_matrix,
+                                               resolution=ANY_RESOLUTION, p=converted.p)
+    return MultiGrainModel(trunk, info, whitenings).eval()

@@ -1,0 +1,1 @@
+"""Questions asked of an index or a model about given images: nearest neighbours, classes."""

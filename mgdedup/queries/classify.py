@@ -1,0 +1,76 @@
+"""Top-k ImageNet classes from the GeM vector, from images or from an index's stored rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mgdedup.embedding.embedder import Embedder
+from mgdedup.errors import MgdedupError
+from mgdedup.index.layout import H5_NAME
+from mgdedup.index.model_check import model_for_index
+from mgdedup.index.store import IndexStore
+from mgdedup.model.multigrain import Descriptors, MultiGrainModel
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[int, str, float]]  # (class index, label, probability)
+    error: str | None = None
+
+
+def top_k(logits: torch.Tensor, class_names: Sequence[str], k: int
+          ) -> list[list[tuple[int, str, float]]]:
+    probabilities = torch.softmax(logits.double(), dim=1)
+    k = min(k, probabilities.shape[1])
+    values, indices = probabilities.topk(k, dim=1)
+    names = list(class_names)
+    return [[(int(i), names[int(i)] if int(i) < len(names) else str(int(i)), float(v))
+             for v, i in zip(row_values, row_indices)]
+            for row_values, row_indices in zip(values, indices)]
+
+
+def classify_images(model: MultiGrainModel, paths: Sequence[Path], resolution: int, k: int = 5,
+                    workers: int = 0) -> list[Prediction]:
+    """Classify image files with the classifier applied to the GeM vector at p*(s*)."""
+    if k < 1:
+        raise MgdedupError("-k must be at least 1")
+    embedder = Embedder(model, resolution, workers=workers)
+    predictions = [Prediction(str(p), []) for p in paths]
+    for batch in embedder.embed_files(list(paths), digest=False, keep_gem=True):
+        for position, reason in batch.errors:
+            predictions[position].error = reason
+        if batch.gem is None:
+            continue
+        with torch.inference_mode():
+            logits = model.logits(batch.gem)
+        for position, top in zip(batch.positions, top_k(logits, model.class_names, k)):
+            predictions[position].top = top
+    return predictions
+
+
+def classify_index(index_dir: Path, k: int = 5, model_spec: str | None = None,
+                   block_rows: int = 8192) -> list[Prediction]:
+    """Classify every indexed image from its stored descriptor and norms (no image read)."""
+    if k < 1:
+        raise MgdedupError("-k must be at least 1")
+    with IndexStore.open(Path(index_dir) / H5_NAME) as store:
+        meta = store.meta
+        model = model_for_index(meta, model_spec)
+        paths = [str(p) for p in store.absolute_paths()]
+        gem_norm, white_norm = store.read("gem_norm"), store.read("white_norm")
+        predictions: list[Prediction] = []
+        for start, block in store.iter_embeddings(block_rows):
+            stop = start + len(block)
+            stored = Descriptors(np.asarray(block, np.float32), gem_norm[start:stop],
+                                 white_norm[start:stop])
+            with torch.inference_mode():
+                logits = model.logits_from_descriptors(stored, meta.resolution)
+            for offset, top in enumerate(top_k(logits, model.class_names, k)):
+                predictions.append(Prediction(paths[start + offset], top))
+    return predictions

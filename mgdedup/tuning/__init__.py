@@ -1,0 +1,2 @@
+"""Adapting a model to images without training: whitening fitted on a folder, p* per
+resolution."""
