@@ -6,7 +6,7 @@ Usage: python benchmarks/copy_detection.py PHOTOS_DIR [--resolution 500] [--cach
 Photos are split by a hash of their path: 75% fit the whitening (with --synthetic generated
 scenes, so graphics are covered too), 25% are evaluated; a generated held-out set with planted
 copies is evaluated as well. Each
-evaluated photo gets the five planted edits of `mgdedup.imaging.synthetic.EDITS` (crop, JPEG 30, 1/3
+evaluated photo gets the five planted edits of `mgdedup.imaging.edits` (crop, JPEG 30, 1/3
 size, mirror, brightness); every pair of evaluated images is scored, positives being an
 original with its copies and copies among themselves. Reported per variant (raw l2n(g),
 centred, PCA whitening of several sizes): micro-AP over all pairs, the threshold reaching
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from mgdedup.embedding.embedder import Embedder
-from mgdedup.imaging.edits import pair_metrics, write_edited_copies
+from mgdedup.evaluation.metrics import pair_metrics, precision_recall_at
+from mgdedup.imaging.edits import write_copies
 from mgdedup.imaging.scan import scan_images
 from mgdedup.imaging.synthetic import make_collection
 from mgdedup.model.registry import DEFAULT_MODEL, load_model
@@ -56,12 +57,10 @@ def metrics(x: np.ndarray, family: np.ndarray) -> dict:
 
 def pair_metrics_at(x: np.ndarray, family: np.ndarray, threshold: float) -> tuple[float, float]:
     """(recall, precision) of all pairs at a fixed threshold."""
-    sim = x @ x.T
     upper = np.triu_indices(len(x), k=1)
-    flagged = sim[upper] >= threshold
-    positive = family[upper[0]] == family[upper[1]]
-    return (float((flagged & positive).sum() / positive.sum()),
-            float((flagged & positive).sum() / max(flagged.sum(), 1)))
+    precision, recall = precision_recall_at((x @ x.T)[upper], family[upper[0]] == family[upper[1]],
+                                            threshold)
+    return recall, precision
 
 
 def main() -> None:
@@ -91,7 +90,8 @@ def main() -> None:
     else:
         g_fit = gem_vectors(embedder, fit_paths)
         with tempfile.TemporaryDirectory() as tmp:
-            copies, copy_family = write_edited_copies(eval_paths, Path(tmp))
+            copies, copy_family, _ = write_copies(eval_paths, Path(tmp),
+                                                  resolution=args.resolution)
             g_eval = gem_vectors(embedder, eval_paths + copies)
         family = np.concatenate([np.arange(len(eval_paths)), copy_family])
         if cache is not None:

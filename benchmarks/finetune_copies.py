@@ -48,9 +48,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mgdedup.imaging.augment import augmented_copy
+from mgdedup.imaging.edits import EDITS
 from mgdedup.imaging.reading import ImageReadError, open_rgb
 from mgdedup.imaging.scan import scan_images
-from mgdedup.imaging.synthetic import EDITS, random_scene
+from mgdedup.imaging.synthetic import random_scene
 from mgdedup.imaging.transforms import resize_for_resolution, to_tensor
 from mgdedup.model.model_file import load_model_file
 from mgdedup.model.multigrain import MultiGrainModel

@@ -53,7 +53,7 @@ def build_first_index(folder: Path, idx_dir: Path, resolution: int) -> int:
     from mgdedup.imaging.scan import file_digest, scan_images
     from mgdedup.index.build import model_meta
     from mgdedup.index.faiss_index import build_index, resolve_factory, save_index
-    from mgdedup.index.layout import FAISS_NAME, H5_NAME
+    from mgdedup.index.layout import IndexDir
     from mgdedup.index.store import IndexStore, RowBatch
     from mgdedup.model.registry import canonical_spec, load_model
 
@@ -64,7 +64,7 @@ def build_first_index(folder: Path, idx_dir: Path, resolution: int) -> int:
     meta = model_meta(model, spec, resolution, [str(folder.resolve())])
     rng = np.random.default_rng(0)
     idx_dir.mkdir(parents=True)
-    with IndexStore.create(idx_dir / H5_NAME, meta) as store:
+    with IndexStore.create(IndexDir(idx_dir).embeddings, meta) as store:
         for start in range(0, len(files), 8192):
             chunk = files[start:start + 8192]
             n = len(chunk)
@@ -77,7 +77,7 @@ def build_first_index(folder: Path, idx_dir: Path, resolution: int) -> int:
                 height=np.full(n, 8), embeddings=x, gem_norm=np.ones(n, np.float32),
                 white_norm=np.ones(n, np.float32)))
         kind = resolve_factory(None, len(store))
-        save_index(build_index(store, meta.dim, kind), idx_dir / FAISS_NAME)
+        save_index(build_index(store, meta.dim, kind), IndexDir(idx_dir).faiss)
         (idx_dir / "errors.jsonl").write_text("")
         return len(store)
 

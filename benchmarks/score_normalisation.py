@@ -26,9 +26,9 @@ from mgdedup.duplicates.score_norm import ScoreNorm, background_from_neighbours
 from mgdedup.embedding.embedder import Embedder
 from mgdedup.evaluation.metrics import micro_ap
 from mgdedup.imaging.augment import augmented_copy
+from mgdedup.imaging.edits import EDITS
 from mgdedup.imaging.reading import ImageReadError, open_rgb
 from mgdedup.imaging.scan import scan_images
-from mgdedup.imaging.synthetic import EDITS
 from mgdedup.model.registry import DEFAULT_MODEL, load_model
 
 RESERVED = ("tuxpaint", "lxqt")

@@ -26,7 +26,7 @@ from mgdedup.duplicates.find import DedupResult, find_duplicates
 from mgdedup.errors import MgdedupError
 from mgdedup.imaging.scan import file_digest
 from mgdedup.imaging.synthetic import random_scene
-from mgdedup.index.layout import H5_NAME
+from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexStore
 
 ORIGINALS = 3
@@ -59,7 +59,7 @@ def lib(template, tmp_path) -> tuple[Path, Path]:
     base = tmp_path / "lib"
     shutil.copytree(template, base, symlinks=True)
     root, index_dir = base / "photos", base / "photos" / ".mgdedup"
-    with IndexStore.open(index_dir / H5_NAME, mode="a") as store:
+    with IndexStore.open(IndexDir(index_dir).embeddings, mode="a") as store:
         store.set_roots([str(root)])
     return root, index_dir
 

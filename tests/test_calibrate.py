@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 from mgdedup.cli import app
 from mgdedup.duplicates.find import find_duplicates
 from mgdedup.duplicates.precision import (
-    CALIBRATION_NAME,
     DEFAULT_TARGETS,
     calibrate_index,
     ensure_calibration,
@@ -33,7 +32,7 @@ from mgdedup.duplicates.precision import (
 from mgdedup.duplicates.score_norm import ScoreNorm
 from mgdedup.imaging.synthetic import make_collection
 from mgdedup.index.build import update_index
-from mgdedup.index.layout import H5_NAME
+from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexStore
 from mgdedup.model.registry import load_model
 
@@ -96,7 +95,7 @@ def test_thresholds_below_the_exact_range_are_not_offered():
 # --- held-out precision ----------------------------------------------------------------------
 def _pairs(index_dir, collection, norm: ScoreNorm | None):
     """All pair scores of an index (normalised like dedup would) and their ground truth."""
-    with IndexStore.open(index_dir / H5_NAME) as store:
+    with IndexStore.open(IndexDir(index_dir).embeddings) as store:
         x = store.embeddings().astype(np.float64)
         paths = store.absolute_paths()
     family = family_of(collection)
@@ -144,7 +143,7 @@ def test_calibrated_thresholds_reach_the_target_on_held_out_images(calibration_s
 # --- storage and dedup --precision -----------------------------------------------------------
 def _fake(index_dir, threshold: float, norm: ScoreNorm | None = None, rows: int | None = None):
     """A stored calibration whose curve reaches precision 0.95 exactly at `threshold`."""
-    with IndexStore.open(index_dir / H5_NAME) as store:
+    with IndexStore.open(IndexDir(index_dir).embeddings) as store:
         meta, count = store.meta, len(store)
     from mgdedup.duplicates.precision import Calibration
 
@@ -192,9 +191,9 @@ def test_dedup_precision_uses_the_stored_calibration(calibration_set, monkeypatc
 
 def test_stale_or_missing_calibration_is_recomputed(calibration_set, monkeypatch):
     _, index_dir = calibration_set
-    (index_dir / CALIBRATION_NAME).unlink(missing_ok=True)
+    IndexDir(index_dir).calibration.unlink(missing_ok=True)
     _fake(index_dir, 0.7, rows=1000)  # calibrated when the index had 1000 rows: stale
-    with IndexStore.open(index_dir / H5_NAME) as store:
+    with IndexStore.open(IndexDir(index_dir).embeddings) as store:
         assert load_calibration(index_dir, "cosine").stale_reason(store.meta, len(store))
     calls = []
     import mgdedup.duplicates.precision as module
@@ -212,7 +211,7 @@ def test_stale_or_missing_calibration_is_recomputed(calibration_set, monkeypatch
     assert load_calibration(index_dir, mode_key(ScoreNorm())) is None
     ensure_calibration(index_dir, ScoreNorm())
     assert len(calls) == 2 and calls[1]["score_norm"] == ScoreNorm()
-    stored = json.loads((index_dir / CALIBRATION_NAME).read_text())
+    stored = json.loads(IndexDir(index_dir).calibration.read_text())
     assert set(stored["modes"]) == {"cosine"}  # the fake above saved the cosine mode again
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mgdedup.imaging.edits import pair_metrics
+from mgdedup.evaluation.metrics import pair_metrics
 
 
 def _vectors(angles_deg):

@@ -13,8 +13,8 @@ import torch
 from cli_helpers import run
 from training_helpers import make_unlabelled, state_digest
 
+from mgdedup.imaging.edits import EDITS
 from mgdedup.model.model_file import load_model_file
-from mgdedup.training import copy_validation
 from mgdedup.training.config import TrainConfig
 from mgdedup.training.copy_validation import (
     MAX_HELD_OUT,
@@ -108,7 +108,7 @@ def test_score_matches_a_reference_computation(tmp_path):
     originals = make_unlabelled(tmp_path / "held", 6, seed=1)
     distractors = make_unlabelled(tmp_path / "train", 10, seed=2)
     validation = CopyValidation(originals, distractors, resolution=32, augmented_copies=2)
-    copies_per_image = 2 + len(copy_validation.EDITS)
+    copies_per_image = 2 + len(EDITS)
     assert len(validation) == 6 and len(validation.queries) == 6 * copies_per_image
     assert list(validation.owners) == [i for i in range(6) for _ in range(copies_per_image)]
 

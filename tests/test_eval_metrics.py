@@ -11,11 +11,11 @@ from mgdedup.evaluation.metrics import (
     copydays_map,
     holidays_map,
     micro_ap,
+    pair_metrics,
     precision_recall_at,
     topk_accuracy,
     ukb_score,
 )
-from mgdedup.imaging.edits import pair_metrics
 
 
 def test_average_precision_by_hand():

@@ -14,7 +14,7 @@ from mgdedup.duplicates.score_norm import (
     normalise,
 )
 from mgdedup.index.faiss_index import build_index
-from mgdedup.index.layout import H5_NAME
+from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 
 DIM = 24
@@ -73,7 +73,7 @@ def _index_of_vectors(folder, x: np.ndarray):
                      size=1000 + rows, mtime_ns=rows + 1, digest=[f"{r:032x}" for r in rows],
                      width=100 + rows % 7, height=80 + rows % 5, embeddings=x,
                      gem_norm=np.ones(n), white_norm=np.ones(n))
-    with IndexStore.create(folder / H5_NAME, meta) as store:
+    with IndexStore.create(IndexDir(folder).embeddings, meta) as store:
         store.append(batch)
     return folder
 

@@ -12,7 +12,6 @@ import pytest
 
 from mgdedup.errors import MgdedupError
 from mgdedup.index.faiss_index import (
-    INDEX_NAME,
     build_index,
     ensure_index,
     is_stale,
@@ -21,6 +20,7 @@ from mgdedup.index.faiss_index import (
     range_pairs,
     save_index,
 )
+from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 
 THRESHOLD = 0.9
@@ -182,10 +182,10 @@ def test_bad_factory_and_too_few_rows(data: np.ndarray) -> None:
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
 def test_save_load_round_trip(tmp_path: Path, data: np.ndarray, factory: str) -> None:
     index = build_index(data, data.shape[1], factory)
-    path = tmp_path / INDEX_NAME
+    path = tmp_path / IndexDir.FAISS
     save_index(index, path)
     save_index(index, path)  # replacing an existing one
-    assert os.listdir(tmp_path) == [INDEX_NAME]  # no temporary left behind
+    assert os.listdir(tmp_path) == [IndexDir.FAISS]  # no temporary left behind
     loaded = load_index(path)
     assert loaded.ntotal == index.ntotal
     a, b = knn(index, data[:30], 5), knn(loaded, data[:30], 5)
@@ -224,7 +224,7 @@ def test_ensure_index_rebuilds_when_rows_change(tmp_path: Path, data: np.ndarray
     meta = IndexMeta("m", "m", 500, 3.0, "", data.shape[1], ["/photos"])
     store = IndexStore.create(h5, meta)
     store.append(make_rows(data[:1000], 0))
-    faiss_path = idx_dir / INDEX_NAME
+    faiss_path = idx_dir / IndexDir.FAISS
     assert is_stale(faiss_path, h5)
 
     index = ensure_index(idx_dir, store)
@@ -261,6 +261,6 @@ def test_ensure_index_keeps_or_changes_the_factory(tmp_path: Path, data: np.ndar
     index = ensure_index(tmp_path, store)  # stale, rebuilt as the same kind
     assert isinstance(index, faiss.IndexIVFFlat) and index.ntotal == len(data)
     assert isinstance(ensure_index(tmp_path, store, "Flat"), faiss.IndexFlat)
-    (tmp_path / INDEX_NAME).write_bytes(b"truncated")  # a damaged cache is simply rebuilt
-    bump_mtime(tmp_path / INDEX_NAME)
+    (tmp_path / IndexDir.FAISS).write_bytes(b"truncated")  # a damaged cache is simply rebuilt
+    bump_mtime(tmp_path / IndexDir.FAISS)
     assert ensure_index(tmp_path, store).ntotal == len(data)

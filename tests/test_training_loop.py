@@ -193,7 +193,7 @@ def test_unlabelled_finetuning_keeps_the_classifier(tmp_path):
 
 
 def test_fold_batchnorm_keeps_the_function():
-    from mgdedup.training.loop import fold_batchnorm
+    from mgdedup.model.batchnorm import fold_batchnorm
 
     model = tiny_model(seed=2)
     for module in model.trunk.modules():

@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.table import Table
 
 from mgdedup.cli.shell import (
-    ActionName,
     Format,
     IndexOption,
     ModelOption,
@@ -35,6 +34,8 @@ from mgdedup.duplicates.precision import (
     DEFAULT_SAMPLE,
     DEFAULT_TARGETS,
 )
+from mgdedup.duplicates.action_kinds import Action
+from mgdedup.imaging.edits import MAX_AUG_COPIES
 from mgdedup.errors import MgdedupError
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def dedup(
     output_format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here, not stdout.")
                    ] = None,
-    action: Annotated[ActionName | None, typer.Option(
+    action: Annotated[Action | None, typer.Option(
         "--action", help="Act on the duplicates (never the keepers). Dry run unless --apply; "
                          "every applied step is recorded for `mgdedup undo`.")] = None,
     to: Annotated[Path | None, typer.Option(
@@ -151,12 +152,12 @@ def _threshold_origin(result: DedupResult) -> str:
     return f"given, {scale}"
 
 
-def _act(where: Path, result: DedupResult, action: ActionName, to: Path | None, apply: bool,
+def _act(where: Path, result: DedupResult, action: Action, to: Path | None, apply: bool,
          permanent: bool) -> None:
     """Dry run (the plan on stdout) or apply and say how to undo."""
-    from mgdedup.duplicates.actions import Action, apply_plan, describe_plan, plan_actions
+    from mgdedup.duplicates.actions import apply_plan, describe_plan, plan_actions
 
-    steps = plan_actions(where, result, Action(action.value),
+    steps = plan_actions(where, result, action,
                          to.expanduser() if to is not None else None, permanent)
     err.print(f"index: {where}", highlight=False, soft_wrap=True)
     if not apply:
@@ -206,10 +207,9 @@ def _write_output(text: str, out: Path | None) -> None:
     if out is None:
         typer.echo(text, nl=False)
         return
-    try:
-        out.expanduser().write_text(text, encoding="utf-8")
-    except OSError as error:
-        raise MgdedupError(f"cannot write {out}: {error.strerror}") from None
+    from mgdedup.files.atomic import write_text
+
+    write_text(out.expanduser(), text, "report")
     err.print(f"wrote {out}", highlight=False)
 
 
@@ -232,11 +232,10 @@ def mark(
     Example: mgdedup mark not-duplicate a.jpg b.jpg
     """
     from mgdedup.duplicates.decisions import load_decisions, save_decisions
-    from mgdedup.index.layout import H5_NAME, find_index
-    from mgdedup.index.store import IndexStore
+    from mgdedup.index.layout import IndexDir, find_index
 
     where = find_index(index_dir)
-    with IndexStore.open(where / H5_NAME) as store:
+    with IndexDir(where).open_store() as store:
         indexed = {str(p) for p in store.absolute_paths()}
     pair = []
     for path in (first, second):
@@ -263,7 +262,7 @@ def calibrate(
         "--sample", min=1, help="Indexed images to make synthetic copies of.")
     ] = DEFAULT_SAMPLE,
     aug_copies: Annotated[int, typer.Option(
-        "--aug-copies", min=0, help="Full-augmentation (IN-aug) copies per image, besides the "
+        "--aug-copies", min=0, max=MAX_AUG_COPIES, help="Full-augmentation (IN-aug) copies per image, besides the "
                                     "five planted edits.")] = DEFAULT_AUG_COPIES,
     neighbours: Annotated[int, typer.Option(
         "--neighbours", min=1, help="Nearest other images looked at per indexed image.")
@@ -288,7 +287,7 @@ def calibrate(
 
     Example: mgdedup calibrate --target-precision 0.95
     """
-    from mgdedup.duplicates.precision import CALIBRATION_NAME, calibrate_index, save_calibration
+    from mgdedup.duplicates.precision import calibrate_index, save_calibration
     from mgdedup.duplicates.score_norm import ScoreNorm
     from mgdedup.index.layout import find_index
 
@@ -337,5 +336,5 @@ def calibrate(
     err.print(f"{calibration.sampled} images, {calibration.positives} synthetic copies, "
               f"{calibration.neighbours} neighbours each; copies per image: "
               f"{calibration.estimated_copy_rate:.3g} estimated, {calibration.copy_rate:.3g} "
-              f"used ({calibration.mode} scores); stored in {path.parent / CALIBRATION_NAME}",
+              f"used ({calibration.mode} scores); stored in {path}",
               highlight=False, soft_wrap=True)

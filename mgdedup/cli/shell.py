@@ -90,13 +90,6 @@ def progress_bar(description: str) -> Iterator[Progress]:
         yield progress
 
 
-class ActionName(str, Enum):
-    move = "move"
-    hardlink = "hardlink"
-    symlink = "symlink"
-    delete = "delete"
-
-
 class Format(str, Enum):
     table = "table"
     json = "json"

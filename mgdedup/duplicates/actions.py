@@ -29,30 +29,22 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from mgdedup.duplicates.find import DedupResult
 from mgdedup.errors import MgdedupError
 from mgdedup.imaging.scan import file_digest
-from mgdedup.index.layout import H5_NAME
+from mgdedup.duplicates.action_kinds import Action
+from mgdedup.files.atomic import fsync_dir
+from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexStore
 
 log = logging.getLogger(__name__)
 
-ACTIONS_DIRNAME = "actions"
-TRASH_DIRNAME = "trash"
 UNDONE_SUFFIX = ".undone"
 SKIP = "skip"
 _COPY_CHUNK = 8 * 1024 * 1024
-
-
-class Action(str, Enum):
-    MOVE = "move"
-    HARDLINK = "hardlink"
-    SYMLINK = "symlink"
-    DELETE = "delete"
 
 
 @dataclass
@@ -122,7 +114,7 @@ def plan_actions(index_dir: Path, result: DedupResult, action: Action | str,
     roots, stored = _index_facts(index_dir)
     to = _check_options(action, to, permanent, roots)
     run_id = new_run_id()
-    base = to if to is not None else index_dir / TRASH_DIRNAME / run_id
+    base = to if to is not None else IndexDir(index_dir).trash / run_id
     keepers = {_resolve(result.facts[g.keeper].path) for g in result.groups}
     reserved: set[Path] = set()
     steps: list[PlannedStep] = []
@@ -143,7 +135,7 @@ def plan_actions(index_dir: Path, result: DedupResult, action: Action | str,
 
 def _index_facts(index_dir: Path) -> tuple[list[Path], dict[str, _Stored]]:
     """Resolved roots and the stored digest/size/mtime of every indexed absolute path."""
-    with IndexStore.open(index_dir / H5_NAME) as store:
+    with IndexDir(index_dir).open_store() as store:
         roots = [_resolve(r) for r in store.meta.roots]
         paths = store.absolute_paths()
         digests, sizes = store.read("digest"), store.read("size")
@@ -278,7 +270,7 @@ def apply_plan(steps: Sequence[PlannedStep], index_dir: Path) -> ActionReport:
     """Do the planned steps, each re-checked first; one failure never stops the run."""
     report = ActionReport()
     run_id = next((s.run_id for s in steps if s.run_id), "") or new_run_id()
-    manifest = _Manifest(Path(index_dir).resolve() / ACTIONS_DIRNAME / f"{run_id}.jsonl")
+    manifest = _Manifest(IndexDir(Path(index_dir).resolve()).actions / f"{run_id}.jsonl")
     for step in steps:
         reason = step.reason if step.kind == SKIP else _recheck(step)
         if reason:
@@ -349,7 +341,7 @@ def _replace_by_link(step: PlannedStep, kind: Action) -> Path:
         _move_no_clobber(stored, step.source)  # put the bytes back where they were
         tmp.unlink()
         raise
-    _fsync_dir(step.source.parent)
+    fsync_dir(step.source.parent)
     return stored
 
 
@@ -365,8 +357,8 @@ def _move_no_clobber(src: Path, dst: Path) -> Path:
             raise
         _copy_verified(src, dst)
         src.unlink()
-    _fsync_dir(dst.parent)
-    _fsync_dir(src.parent)
+    fsync_dir(dst.parent)
+    fsync_dir(src.parent)
     return dst
 
 
@@ -383,20 +375,6 @@ def _copy_verified(src: Path, dst: Path) -> None:
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; best effort (not every platform can open a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _Manifest:
@@ -419,7 +397,7 @@ def _append_line(path: Path, entry: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     if new:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -431,7 +409,7 @@ def _one_line(exc: BaseException) -> str:
 def latest_manifest(index_dir: Path) -> Path:
     """The newest manifest of an index: run ids sort by time (to the second; the file's
     mtime breaks ties between runs started in the same second)."""
-    folder = Path(index_dir) / ACTIONS_DIRNAME
+    folder = IndexDir(index_dir).actions
     found = sorted(folder.glob("*.jsonl"), key=lambda p: (p.name[:16], p.stat().st_mtime_ns)) \
         if folder.is_dir() else []
     if not found:

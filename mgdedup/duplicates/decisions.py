@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import write_text
+from mgdedup.index.layout import IndexDir
 
-DECISIONS_NAME = "decisions.json"
 VERDICTS = ("duplicate", "not-duplicate")
 
 
@@ -40,7 +41,7 @@ class Decisions:
 
 
 def load_decisions(index_dir: Path) -> Decisions:
-    path = Path(index_dir) / DECISIONS_NAME
+    path = IndexDir(index_dir).decisions
     if not path.exists():
         return Decisions()
     try:
@@ -53,12 +54,10 @@ def load_decisions(index_dir: Path) -> Decisions:
 
 def save_decisions(index_dir: Path, decisions: Decisions) -> None:
     """Atomic write: a crash never leaves half a file of verdicts."""
-    path = Path(index_dir) / DECISIONS_NAME
     data = {"duplicate": sorted(sorted(p) for p in decisions.duplicate),
             "not-duplicate": sorted(sorted(p) for p in decisions.not_duplicate)}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(IndexDir(index_dir).decisions,
+               json.dumps(data, ensure_ascii=False, indent=1) + "\n", "decisions")
 
 
 def apply_decisions(decisions: Decisions, paths: list[str], i: np.ndarray, j: np.ndarray,

@@ -15,7 +15,7 @@ from mgdedup.duplicates.report_text import FileFacts
 from mgdedup.duplicates.score_norm import ScoreNorm, collection_background, normalise
 from mgdedup.errors import MgdedupError
 from mgdedup.index.faiss_index import ensure_index, range_pairs
-from mgdedup.index.layout import H5_NAME
+from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexStore
 from mgdedup.model.multigrain import DEFAULT_THRESHOLD
 
@@ -71,7 +71,7 @@ def choose_threshold(index_dir: Path, threshold: float | None, precision: float 
     if threshold is not None:
         return float(threshold), "threshold", None
     if precision is None and score_norm is None:
-        with IndexStore.open(Path(index_dir) / H5_NAME) as store:
+        with IndexDir(index_dir).open_store() as store:
             measured = store.meta.threshold
         if measured is not None:
             return float(measured), "measured", None
@@ -106,7 +106,7 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
     """
     threshold, source, target = choose_threshold(index_dir, threshold, precision, score_norm,
                                                  on_calibrate, **calibrate_options)
-    with IndexStore.open(Path(index_dir) / H5_NAME) as store:
+    with IndexDir(index_dir).open_store() as store:
         index = ensure_index(Path(index_dir), store)
         if score_norm is None:
             background = None

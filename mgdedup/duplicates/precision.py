@@ -5,7 +5,7 @@ index's own model, resolution and images, the precision of "flag every pair scor
 
 Positives. `sample` indexed images (seeded, capped by the collection size; unreadable ones
 are skipped with their reason) each get synthetic copies: the five planted edits of
-`mgdedup.imaging.synthetic.EDITS` (crop, JPEG 30, 1/3 size, mirror, brightness: what users' copies
+`mgdedup.imaging.edits` (crop, JPEG 30, 1/3 size, mirror, brightness: what users' copies
 look like) and `aug_copies` copies by the "full" augmentation of IN-aug
 (`mgdedup.imaging.augment.augmented_copy` at the index resolution). Copies are saved as JPEG q92,
 embedded with the index's model and resolution (`Embedder`), and scored against the
@@ -39,7 +39,7 @@ the target bounds false alarms per image instead: N(t) <= rate * TPR(t) * (1 - p
     precision(t) = rate * TPR(t) / (rate * TPR(t) + max(F(t) - c_hat * TPR(t), 0))
 
 The threshold for a target p is the lowest candidate score (>= exact_from) whose precision
-is >= p, the convention of `mgdedup.imaging.edits.pair_metrics`.
+is >= p, the convention of `mgdedup.evaluation.metrics.threshold_at_precision`.
 
 Measured (BENCHMARKS.md, "Calibration"): on held-out generated collections the calibrated
 thresholds reach every target (precision 1.0 for 0.9/0.95/0.99). On 240 real photos with 60
@@ -71,16 +71,14 @@ import numpy as np
 
 from mgdedup.duplicates.score_norm import ScoreNorm
 from mgdedup.errors import MgdedupError
-from mgdedup.index.layout import H5_NAME
+from mgdedup.files.atomic import write_text
+from mgdedup.index.layout import IndexDir
 
 if TYPE_CHECKING:  # heavy (torch, faiss, h5py): imported where used, the CLI starts fast
-    from PIL import Image
-
     from mgdedup.index.store import IndexMeta, IndexStore
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_NAME = "calibration.json"
 FORMAT_VERSION = 1
 DEFAULT_SAMPLE = 200
 DEFAULT_AUG_COPIES = 2
@@ -196,7 +194,7 @@ class Calibration:
 
 def load_calibration(index_dir: Path, mode: str) -> Calibration | None:
     """The stored calibration of a scoring mode, or None (missing or unreadable file)."""
-    path = Path(index_dir) / CALIBRATION_NAME
+    path = IndexDir(index_dir).calibration
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         entry = data["modes"][mode]
@@ -214,7 +212,7 @@ def load_calibration(index_dir: Path, mode: str) -> Calibration | None:
 
 def save_calibration(index_dir: Path, calibration: Calibration) -> Path:
     """Add or replace this mode's entry in calibration.json, atomically."""
-    path = Path(index_dir) / CALIBRATION_NAME
+    path = IndexDir(index_dir).calibration
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("version") != FORMAT_VERSION or not isinstance(data.get("modes"), dict):
@@ -222,44 +220,8 @@ def save_calibration(index_dir: Path, calibration: Calibration) -> Path:
     except (OSError, ValueError):
         data = {"version": FORMAT_VERSION, "modes": {}}
     data["modes"][calibration.mode] = asdict(calibration)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, ensure_ascii=False, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except OSError as error:
-        raise MgdedupError(f"cannot write {path}: {error.strerror}") from None
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n", "calibration")
     return path
-
-
-def _shrunk(image: Image.Image, resolution: int) -> Image.Image:
-    """At most 3 x s* on the long side: a 1/3 copy still has s* pixels, and edits stay fast."""
-    from PIL import Image
-
-    limit = 3 * max(int(resolution), 224)
-    if max(image.size) > limit:
-        image = image.copy()
-        image.thumbnail((limit, limit), Image.Resampling.LANCZOS)
-    return image
-
-
-def write_copies(image: Image.Image, folder: Path, position: int, resolution: int,
-                 rng: np.random.Generator, seed: int, aug_copies: int) -> list[Path]:
-    """Every planted edit and `aug_copies` full-augmentation copies of one image, saved as
-    JPEG q92 (what copies met in collections look like) in `folder`."""
-    from mgdedup.imaging.augment import augmented_copy
-    from mgdedup.imaging.synthetic import EDITS
-
-    made = [edit(image, rng) for edit in EDITS.values()]
-    made += [augmented_copy(image, resolution, seed=seed * 1_000_003 + position * 64 + c)
-             for c in range(aug_copies)]
-    paths = []
-    for number, copy in enumerate(made):
-        target = Path(folder) / f"{position:05d}_{number:02d}.jpg"
-        copy.convert("RGB").save(target, quality=92)
-        paths.append(target)
-    return paths
 
 
 def _rows_of(store: IndexStore, rows: np.ndarray) -> np.ndarray:
@@ -289,7 +251,7 @@ def calibrate_index(index_dir: Path, *, sample: int = DEFAULT_SAMPLE,
         normalise,
     )
     from mgdedup.embedding.embedder import Embedder
-    from mgdedup.imaging.reading import ImageReadError, open_rgb
+    from mgdedup.imaging.edits import write_copies
     from mgdedup.index.faiss_index import ensure_index, knn
     from mgdedup.index.model_check import model_for_index
     from mgdedup.index.store import IndexStore
@@ -297,7 +259,7 @@ def calibrate_index(index_dir: Path, *, sample: int = DEFAULT_SAMPLE,
     index_dir = Path(index_dir)
     if sample < 1 or aug_copies < 0 or neighbours < 1:
         raise MgdedupError("calibration needs --sample >= 1, --neighbours >= 1")
-    with IndexStore.open(index_dir / H5_NAME) as store:
+    with IndexDir(index_dir).open_store() as store:
         meta, total = store.meta, len(store)
         if total < 2:
             raise MgdedupError(f"the index has {total} image(s); calibration needs at least 2")
@@ -314,29 +276,17 @@ def calibrate_index(index_dir: Path, *, sample: int = DEFAULT_SAMPLE,
     model = model_for_index(meta, model_spec)
 
     embedder = Embedder(model, meta.resolution, device=device, workers=workers)
-    copy_rng = np.random.default_rng(seed)
-    kept: list[int] = []
-    skipped: list[tuple[str, str]] = []
-    copy_paths: list[Path] = []
-    family: list[int] = []
     with tempfile.TemporaryDirectory(prefix="mgdedup-calibrate-") as tmp:
-        for position, row in enumerate(chosen):  # one decoded image in memory at a time
-            try:
-                image, _ = open_rgb(paths[row], None)
-            except ImageReadError as error:
-                skipped.append((paths[row], error.reason))
-                continue
-            except OSError as error:
-                skipped.append((paths[row], f"cannot read file: {error.strerror}"))
-                continue
-            made = write_copies(_shrunk(image, meta.resolution), Path(tmp), position,
-                                meta.resolution, copy_rng, seed, aug_copies)
-            copy_paths += made
-            family += [len(kept)] * len(made)
-            kept.append(position)
+        copy_paths, positions, unreadable = write_copies(
+            [paths[row] for row in chosen], Path(tmp), resolution=meta.resolution,
+            aug_copies=aug_copies, seed=seed)
+        skipped = [(str(path), reason) for path, reason in unreadable]
+        kept = sorted(set(positions))
         if not kept:
             raise MgdedupError(f"none of the {len(chosen)} sampled images could be read "
                                f"(first: {skipped[0][0]}: {skipped[0][1]})")
+        rank = {position: k for k, position in enumerate(kept)}
+        family = [rank[position] for position in positions]
         if on_start is not None:
             on_start(len(copy_paths))
         copies = np.zeros((len(copy_paths), meta.dim), np.float32)
@@ -404,7 +354,7 @@ def ensure_calibration(index_dir: Path, score_norm: ScoreNorm | None = None, *,
     index_dir = Path(index_dir)
     mode = mode_key(score_norm)
     stored = load_calibration(index_dir, mode)
-    with IndexStore.open(index_dir / H5_NAME) as store:
+    with IndexDir(index_dir).open_store() as store:
         meta, rows = store.meta, len(store)
     reason = "no calibration yet" if stored is None else stored.stale_reason(meta, rows)
     if stored is not None and reason is None:

@@ -26,7 +26,6 @@ import io
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +34,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from mgdedup.cpus import available_cpus
 from mgdedup.duplicates.find import DedupResult
+from mgdedup.files.atomic import write_text
 from mgdedup.duplicates.report_text import FileFacts
 from mgdedup.imaging.reading import ImageReadError, open_rgb
 
@@ -198,7 +199,7 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
     if thumb_px < 1:
         raise ValueError("thumb_px must be positive")
     if workers is None:
-        workers = min(8, os.cpu_count() or 1)
+        workers = min(8, available_cpus())
     facts = result.facts
     score_kind = "sscd-normalised" if result.score_norm is not None else "cosine"
     rows = [row for group in result.groups
@@ -260,25 +261,9 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
 
 def write_html(result: DedupResult, path: str | Path, title: str = "mgdedup duplicates",
                thumb_px: int = 160) -> Path:
-    """Render and write the report atomically (a temporary file beside it, then os.replace).
-
-    Whether an existing file may be replaced is the caller's decision.
-    """
+    """Render and write the report atomically (`mgdedup.files.atomic`); a folder that cannot
+    be written is a one-line MgdedupError. Whether an existing file may be replaced is the
+    caller's decision."""
     path = Path(path)
-    document = render_html(result, title=title, thumb_px=thumb_px)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(document)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_text(path, render_html(result, title=title, thumb_px=thumb_px), "report")
     return path
-

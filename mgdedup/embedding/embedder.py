@@ -20,7 +20,6 @@ p* is computed in torch on the feature map either way.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -34,12 +33,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from mgdedup.cpus import available_cpus
 from mgdedup.embedding import onnx_trunk
+from mgdedup.embedding.batching import shape_groups
 from mgdedup.embedding.onnx_trunk import OnnxTrunk
 from mgdedup.errors import MgdedupError
 from mgdedup.imaging.reading import ImageReadError
 from mgdedup.imaging.scan import file_digest
 from mgdedup.imaging.transforms import load_for_embedding
-from mgdedup.model.multigrain import Descriptors, MultiGrainModel
+from mgdedup.model.multigrain import Descriptors, MultiGrainModel, for_inference
 from mgdedup.model.pooling import gem as gem_pool
 
 log = logging.getLogger(__name__)
@@ -205,16 +205,18 @@ class Embedder:
 
     def __init__(self, model: MultiGrainModel, resolution: int, *, device: str = "cpu",
                  batch_size: int = 16, workers: int | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", p: float | None = None) -> None:
+        """`p`: the GeM exponent, default the model's p* at `resolution` (an index or a cache
+        passes the p its rows were computed with)."""
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise MgdedupError(f"--device {device}: no CUDA GPU is available here")
         if backend not in BACKENDS:
             raise MgdedupError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
         if backend == "auto":
             backend = _preferred_backend.get()
-        self.model = model.eval().to(device)
+        self.model = for_inference(model, device)
         self.resolution = int(resolution)
-        self.p = model.p_for(self.resolution)
+        self.p = float(model.p_for(self.resolution) if p is None else p)
         self.device = torch.device(device)
         self.batch_size = batch_size
         if self.device.type == "cpu" and torch.get_num_threads() > available_cpus():
@@ -241,11 +243,8 @@ class Embedder:
     @torch.inference_mode()
     def gem(self, tensors: Sequence[Tensor]) -> Tensor:
         """List of (3, H, W) tensors of any shapes -> (B, C) GeM vectors in input order."""
-        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, tensor in enumerate(tensors):
-            by_shape[tuple(tensor.shape)].append(i)
         output = torch.empty(len(tensors), self.model.feature_dim)
-        for indices in by_shape.values():
+        for indices in shape_groups([tuple(tensor.shape) for tensor in tensors]):
             batch = torch.stack([tensors[i] for i in indices])
             output[indices] = self._gem_batch(batch).float().cpu()
         return output
@@ -259,8 +258,7 @@ class Embedder:
                 log.warning("ONNX Runtime backend failed (%s): using PyTorch", error)
                 self.onnx = None
             else:
-                self.model.pool.set_p(self.p)
-                return self.model.pool(features)
+                return gem_pool(features, self.p, self.model.pool.eps)
         batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         return self.model.gem(batch, self.p)
 

@@ -39,6 +39,10 @@ import torch
 from torch import Tensor
 
 from mgdedup.cpus import available_cpus
+from mgdedup.files import user_dirs
+from mgdedup.files.atomic import write_bytes
+from mgdedup.model.batchnorm import folded_conv
+from mgdedup.model.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,7 @@ class OnnxUnavailable(RuntimeError):
 
 def cache_dir() -> Path:
     """Where exported graphs live: regenerable, so under the user's cache directory."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mgdedup" / "onnx"
+    return user_dirs.cache_dir("onnx")
 
 
 def _parities(size: int) -> tuple[int, ...]:
@@ -150,9 +153,8 @@ class _GraphWriter:
         """Conv with BatchNorm folded exactly as `efficientnet_lite.conv_bn` folds it, and the
         TF "same" pads of this class as static (top, left, bottom, right) attributes."""
         with torch.no_grad():
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous()
-            bias = bn.bias - bn.running_mean * scale
+            weight, bias = folded_conv(conv.weight, bn)
+            weight = weight.contiguous()
         kh, kw = conv.kernel_size
         if conv.stride == (1, 1):
             pads = [kh // 2, kw // 2, kh // 2, kw // 2]
@@ -232,31 +234,6 @@ def split_weights(model_bytes: bytes, weights_name: str) -> tuple[bytes, bytes]:
     return model.SerializeToString(), bytes(blob)
 
 
-def weights_fingerprint(trunk: torch.nn.Module, name: str) -> str:
-    """Digest of the trunk's weights as they are now, in `MultiGrainModel.fingerprint`'s format
-    (equal to it for an unmodified model; that one is cached and goes stale when a model is
-    fine-tuned in place, which must never reuse a graph of the old weights)."""
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(name.encode())
-    for key, value in sorted(trunk.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return f"{name}-{digest.hexdigest()}"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Concurrent processes may export the same class: each writes aside, then renames."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class OnnxTrunk:
     """Runs `trunk.forward_features` through ONNX Runtime, one session per padding class."""
 
@@ -295,9 +272,9 @@ class OnnxTrunk:
         graph, blob = split_weights(build_lite0_graph(self.trunk, key), weights.name)
         wrote_weights = False
         if not weights.is_file() or weights.stat().st_size != len(blob):
-            _write_atomic(weights, blob)
+            write_bytes(weights, blob, "ONNX weights")
             wrote_weights = True
-        _write_atomic(path, graph)
+        write_bytes(path, graph, "ONNX graph")
         try:
             session = self._new_session(path)
             self._check(session, key)

@@ -35,7 +35,9 @@ from mgdedup.errors import MgdedupError
 from mgdedup.imaging.augment import augmented_copy
 from mgdedup.imaging.reading import ImageReadError, open_rgb
 from mgdedup.imaging.transforms import resize_for_resolution, to_tensor
-from mgdedup.index.store import H5_NAME, IndexMeta, IndexStore, RowBatch
+from mgdedup.files.user_dirs import cache_dir
+from mgdedup.index.layout import IndexDir
+from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 from mgdedup.model.multigrain import MultiGrainModel
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,7 @@ WRITE_ROWS = 256
 
 
 def default_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mgdedup" / "eval"
+    return cache_dir("eval")
 
 
 @dataclass(frozen=True)
@@ -120,16 +121,14 @@ class EmbeddingCache:
         self.p = float(model.p_for(self.resolution) if p is None else p)
         root = Path(cache_root) if cache_root is not None else default_cache_root()
         self.folder = root / f"{model.fingerprint()}-{self.resolution}-p{self.p:g}"
-        self.path = self.folder / H5_NAME
+        self.path = IndexDir(self.folder).embeddings
         self.device, self.batch_size = device, batch_size
         self.workers = default_workers() if workers is None else workers
         self.embedded = 0  # images embedded (not found in the cache) by this object
 
     def _embedder(self) -> Embedder:
-        embedder = Embedder(self.model, self.resolution, device=self.device,
-                            batch_size=self.batch_size, workers=self.workers)
-        embedder.p = self.p
-        return embedder
+        return Embedder(self.model, self.resolution, device=self.device,
+                        batch_size=self.batch_size, workers=self.workers, p=self.p)
 
     def _meta(self, roots: list[str]) -> IndexMeta:
         return IndexMeta(model_id=self.model.fingerprint(), model_name=self.model.info.name,

@@ -18,6 +18,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -193,3 +194,48 @@ def precision_recall_at(scores: np.ndarray, is_positive: np.ndarray, threshold: 
     precision = true_positives / flagged.sum() if flagged.any() else 1.0
     recall = true_positives / total if total else 0.0
     return float(precision), float(recall)
+
+
+def threshold_at_precision(scores: np.ndarray, is_positive: np.ndarray, target: float,
+                           n_positives: int | None = None) -> tuple[float | None, float]:
+    """(threshold, recall there): the lowest score at which the pairs ranked so far (by score,
+    ties in list order) are still at least `target` precise, taken at a positive pair; (None,
+    0.0) when no positive reaches it. Recall counts `n_positives` (default: the list's)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    is_positive = np.asarray(is_positive, dtype=bool).ravel()
+    if len(scores) != len(is_positive):
+        raise ValueError(f"{len(scores)} scores for {len(is_positive)} labels")
+    total = int(is_positive.sum()) if n_positives is None else int(n_positives)
+    order = np.argsort(-scores, kind="stable")
+    hits = is_positive[order]
+    true_positives = np.cumsum(hits)
+    precision = true_positives / np.arange(1, len(hits) + 1)
+    reached = np.flatnonzero((precision >= target) & hits)
+    if not len(reached) or total == 0:
+        return None, 0.0
+    last = int(reached[-1])
+    return float(scores[order][last]), float(true_positives[last] / total)
+
+
+@dataclass
+class PairMetrics:
+    """Pair-level copy detection over every pair of a set of descriptors."""
+
+    micro_ap: float  # average precision of all pairs ranked by score
+    threshold: float | None  # lowest score with precision >= target (None: never reached)
+    recall_at_threshold: float
+    target_precision: float
+
+
+def pair_metrics(x: np.ndarray, family: np.ndarray, target_precision: float = 0.99
+                 ) -> PairMetrics:
+    """Micro-AP and the target-precision threshold over all pairs of the rows of x (positive:
+    same `family`). O(n^2) pairs: for calibration sets of a few thousand images."""
+    family = np.asarray(family)
+    upper = np.triu_indices(len(x), k=1)
+    scores = (x @ x.T)[upper]
+    positive = family[upper[0]] == family[upper[1]]
+    if not positive.any():
+        return PairMetrics(0.0, None, 0.0, target_precision)
+    threshold, recall = threshold_at_precision(scores, positive, target_precision)
+    return PairMetrics(micro_ap(scores, positive), threshold, recall, target_precision)

@@ -1,19 +1,20 @@
 """Generated images with planted copies: the demo's sample and the tests' fixtures.
 
 Each base image is a random scene (smooth colour field, shapes, a texture patch), so unrelated
-images differ in layout, colour and texture; each planted copy is one edit users meet in real
-collections: a crop, heavy JPEG compression, a downscale, a mirror image, a brightness change.
+images differ in layout, colour and texture; each planted copy is one of the planted edits of
+`mgdedup.imaging.edits` (crop, heavy JPEG compression, a downscale, a mirror image, a
+brightness change).
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter
+
+from mgdedup.imaging.edits import EDITS
 
 
 def random_scene(rng: np.random.Generator, size: tuple[int, int] = (640, 480)) -> Image.Image:
@@ -110,37 +111,6 @@ def shape_composition(rng: np.random.Generator, size: tuple[int, int] = (640, 48
     patch[mask[: patch.shape[0], : patch.shape[1]]] = colour
     noise = rng.normal(0, 6, pixels.shape)
     return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
-
-
-def _crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    width, height = image.size
-    keep = 0.8
-    left = int(rng.integers(0, int(width * (1 - keep)) + 1))
-    top = int(rng.integers(0, int(height * (1 - keep)) + 1))
-    return image.crop((left, top, left + int(width * keep), top + int(height * keep)))
-
-
-def _jpeg30(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=30)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
-def _third(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    return image.resize((max(1, image.width // 3), max(1, image.height // 3)), Image.BILINEAR)
-
-
-def _mirror(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    return ImageOps.mirror(image)
-
-
-def _brighter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    return ImageEnhance.Brightness(image).enhance(1.3)
-
-
-EDITS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]] = {
-    "crop": _crop, "jpeg30": _jpeg30, "third": _third, "mirror": _mirror, "bright": _brighter,
-}
 
 
 @dataclass

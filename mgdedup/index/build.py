@@ -24,6 +24,7 @@ import torch
 
 from mgdedup.embedding.embedder import EmbeddedBatch, Embedder
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import replacing, write_text
 from mgdedup.imaging.scan import ScannedFile, scan_images
 from mgdedup.index.faiss_index import (
     build_index,
@@ -32,7 +33,7 @@ from mgdedup.index.faiss_index import (
     resolve_factory,
     save_index,
 )
-from mgdedup.index.layout import ERRORS_NAME, FAISS_NAME, H5_NAME, remember_index
+from mgdedup.index.layout import IndexDir, remember_index
 from mgdedup.index.lock import IndexLock
 from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 from mgdedup.model.multigrain import MultiGrainModel
@@ -51,7 +52,7 @@ class IndexSummary:
 
     @property
     def errors_path(self) -> Path:
-        return self.index_dir / ERRORS_NAME
+        return IndexDir(self.index_dir).errors
 
 
 @dataclass
@@ -98,10 +99,6 @@ def shard_of(rel: str, n: int) -> int:
     machines and Python versions (unlike ``hash()``)."""
     digest = hashlib.blake2b(rel.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % n + 1
-
-
-def expected_meta(embedder: Embedder, model_name: str, roots: list[str]) -> IndexMeta:
-    return model_meta(embedder.model, model_name, embedder.resolution, roots)
 
 
 def model_meta(model: MultiGrainModel, model_name: str, resolution: int,
@@ -161,7 +158,7 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
     # scan before locking: a missing folder or one without images must not get an index dir
     files, scan_errors = scan_images([Path(r).expanduser() for r in roots],
                                      skip_dirs=(".mgdedup", index_dir.name),
-                                     known=_known_files(index_dir / H5_NAME, rebuild))
+                                     known=_known_files(IndexDir(index_dir).embeddings, rebuild))
     inside = str(index_dir) + os.sep
     files = [f for f in files if not str(f.path).startswith(inside)]
     if not files:
@@ -213,10 +210,11 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
                    batch_size: int, workers: int | None, rebuild: bool, device: str,
                    progress: ProgressHooks, shard: Shard | None = None,
                    factory: str | None = None) -> IndexSummary:
-    h5_path = index_dir / H5_NAME
+    layout = IndexDir(index_dir)
+    h5_path = layout.embeddings
     if rebuild:
-        for name in (H5_NAME, FAISS_NAME):
-            (index_dir / name).unlink(missing_ok=True)
+        for path in (layout.embeddings, layout.faiss):
+            path.unlink(missing_ok=True)
     scanned_roots = sorted({str(f.root) for f in files} | {str(_root_of(r)) for r in roots})
 
     shard_spec = str(shard) if shard is not None else None
@@ -258,13 +256,13 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
                 store.append(_rows(batch, to_embed, root_index))
                 embedded += len(batch.positions)
         total = len(store)
-        _write_errors(index_dir / ERRORS_NAME, errors)
+        _write_errors(layout.errors, errors)
         # also when nothing changed now: a run killed after its last append left it stale
         if stale_rows or embedded or store.meta.factory != old_factory \
-                or is_stale(index_dir / FAISS_NAME, h5_path):
+                or is_stale(layout.faiss, h5_path):
             kind = resolve_factory(store.meta.factory, total)
             log.info("building FAISS index %r over %d rows", kind, total)
-            save_index(build_index(store, store.meta.dim, kind), index_dir / FAISS_NAME)
+            save_index(build_index(store, store.meta.dim, kind), layout.faiss)
     finally:
         store.close()
     return IndexSummary(index_dir=index_dir, total=total, embedded=embedded,
@@ -274,10 +272,8 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
 def _create_store(h5_path: Path, meta: IndexMeta) -> IndexStore:
     """A new empty index, created aside and renamed into place: a run killed while creating
     it leaves no half-made file that the next run would refuse as corrupt."""
-    tmp = h5_path.with_name(h5_path.name + ".new")
-    tmp.unlink(missing_ok=True)  # left by a killed run; we hold the lock
-    IndexStore.create(tmp, meta).close()
-    os.replace(tmp, h5_path)
+    with replacing(h5_path, "index file") as tmp:
+        IndexStore.create(tmp, meta).close()
     return IndexStore.open(h5_path, mode="a")
 
 
@@ -331,10 +327,6 @@ def _rows(batch: EmbeddedBatch, files: list[ScannedFile], root_index: dict[str, 
 
 def _write_errors(path: Path, errors: list[tuple[str, str]]) -> None:
     """Rewritten each run: it lists what the index is missing now."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for file_path, reason in errors:
-            handle.write(json.dumps({"path": file_path, "reason": reason}, ensure_ascii=False))
-            handle.write("\n")
-    os.replace(tmp, path)
-
+    write_text(path, "".join(json.dumps({"path": file_path, "reason": reason},
+                                        ensure_ascii=False) + "\n"
+                             for file_path, reason in errors), "error list")

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +35,12 @@ from faiss.contrib.factory_tools import reverse_index_factory
 
 from mgdedup.cpus import available_cpus
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import replacing
+from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexStore
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "faiss.index"
 #: inverted lists visited per query by IVF indexes (saved with the index)
 DEFAULT_NPROBE = 16
 #: candidate list size of HNSW searches (saved with the index)
@@ -210,19 +210,12 @@ def _fill_ivf_exactly(index: faiss.Index, source: IndexStore | np.ndarray, dim: 
 
 def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
     """Write atomically: a reader never sees a half-written index, even with concurrent
-    writers (each writes its own ``<name>.<random>.tmp`` before ``os.replace``)."""
-    path = Path(path)
-    tmp = None
+    writers (`mgdedup.files.atomic.replacing`)."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    except (RuntimeError, OSError) as exc:
+        with replacing(path, "FAISS index") as tmp:
+            faiss.write_index(index, str(tmp))
+    except RuntimeError as exc:
         raise MgdedupError(f"cannot write FAISS index {path}: {_faiss_msg(exc)}") from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_index(path: str | os.PathLike[str]) -> faiss.Index:
@@ -438,7 +431,7 @@ def ensure_index(idx_dir: str | os.PathLike[str], store: IndexStore,
     saved one also triggers a rebuild."""
     if factory is None and store.meta.factory is not None:
         factory = store.meta.factory
-    path = Path(idx_dir) / INDEX_NAME
+    path = IndexDir(idx_dir).faiss
     old: faiss.Index | None = None
     reason = "missing" if not path.is_file() else None
     if reason is None:

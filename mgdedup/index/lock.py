@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mgdedup.errors import MgdedupError
+from mgdedup.index.layout import IndexDir
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "lock"
 GARBAGE_GRACE_S = 60.0
 _ATTEMPTS = 5
 
@@ -41,7 +41,7 @@ class IndexLock:
 
     def __init__(self, index_dir: str | os.PathLike[str]) -> None:
         self.index_dir = Path(index_dir)
-        self.path = self.index_dir / LOCK_NAME
+        self.path = IndexDir(self.index_dir).lock
         self._inode: tuple[int, int] | None = None
         self._created: list[Path] = []
 
@@ -137,7 +137,7 @@ class IndexLock:
                                    f"(pid {pid} on {host} since {started})")
             why = f"pid {pid} on {host} since {started} is not running"
         # rename, not unlink: only the file judged stale may go, never one created meanwhile
-        aside = self.path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex[:8]}")
+        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:

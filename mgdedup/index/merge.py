@@ -15,7 +15,7 @@ Rules, decided once for every merge:
   newer file modification time, on a tie the input named later. Hash-based shard assignment
   never produces such duplicates, so they only come from overlapping inputs; their count is
   reported.
-- The result is written aside (``embeddings.h5.merging``) and renamed into place, so a killed
+- The result is written aside (a temporary file beside it) and renamed into place, so a killed
   merge leaves no half-written index; an existing index at the destination is only replaced
   with ``overwrite``. Then ``faiss.index`` is built (the inputs' common factory, or automatic)
   and the folder is remembered as the last index, as `mgdedup index` does.
@@ -33,15 +33,15 @@ from pathlib import Path
 import numpy as np
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import replacing, write_text
 from mgdedup.index.faiss_index import build_index, check_factory, resolve_factory, save_index
-from mgdedup.index.layout import ERRORS_NAME, FAISS_NAME, H5_NAME, find_index, remember_index
+from mgdedup.index.layout import IndexDir, find_index, remember_index
 from mgdedup.index.lock import IndexLock
 from mgdedup.index.store import IndexMeta, IndexStore
 
 log = logging.getLogger(__name__)
 
 COPY_ROWS = 32768
-TMP_SUFFIX = ".merging"
 
 
 @dataclass
@@ -70,7 +70,7 @@ def merge_indexes(sources: Sequence[Path], out_dir: Path, *, factory: str | None
                                "folder")
         if d in dirs[:i]:
             raise MgdedupError(f"{d} is given twice")
-    stores = [IndexStore.open(d / H5_NAME) for d in dirs]
+    stores = [IndexDir(d).open_store() for d in dirs]
     try:
         metas = [s.meta for s in stores]
         missing = _check_inputs(dirs, metas)
@@ -83,7 +83,8 @@ def merge_indexes(sources: Sequence[Path], out_dir: Path, *, factory: str | None
             chosen = factories.pop() if len(factories) == 1 else None
         keep = _rows_to_keep(stores)
         duplicates = sum(int((~k).sum()) for k in keep)
-        target = out_dir / H5_NAME
+        layout = IndexDir(out_dir)
+        target = layout.embeddings
         if target.exists() and not overwrite:
             raise MgdedupError(f"{out_dir} already holds an index; pass --overwrite to "
                                "replace it, or choose another --out")
@@ -93,11 +94,11 @@ def merge_indexes(sources: Sequence[Path], out_dir: Path, *, factory: str | None
                              roots=list(meta.roots), threshold=meta.threshold, factory=chosen)
         with IndexLock(out_dir):
             total = _write(stores, keep, out_meta, target, progress)
-            _merge_errors(dirs, out_dir / ERRORS_NAME)
+            _merge_errors(dirs, layout.errors)
             kind = resolve_factory(chosen, total)
-            (out_dir / FAISS_NAME).unlink(missing_ok=True)
+            layout.faiss.unlink(missing_ok=True)
             with IndexStore.open(target) as merged:
-                save_index(build_index(merged, merged.meta.dim, kind), out_dir / FAISS_NAME)
+                save_index(build_index(merged, merged.meta.dim, kind), layout.faiss)
     finally:
         for s in stores:
             s.close()
@@ -161,31 +162,24 @@ def _rows_to_keep(stores: list[IndexStore]) -> list[np.ndarray]:
 def _write(stores: list[IndexStore], keep: list[np.ndarray], meta: IndexMeta, target: Path,
            progress: Callable[[int], None] | None) -> int:
     """Copy the kept rows block by block into a file beside `target`, then rename it."""
-    tmp = target.with_name(target.name + TMP_SUFFIX)
-    tmp.unlink(missing_ok=True)  # left by a killed merge; we hold the lock
-    out = IndexStore.create(tmp, meta)
     position = {root: i for i, root in enumerate(meta.roots)}
-    try:
-        for store, mask in zip(stores, keep):
-            remap = np.array([position[r] for r in store.meta.roots], dtype=np.int32)
-            for start in range(0, len(store), COPY_ROWS):
-                part = mask[start:start + COPY_ROWS]
-                if not part.any():
-                    continue
-                batch = store.batch(start, start + len(part)).select(part)
-                batch.root = remap[batch.root]
-                out.append(batch)
-                if progress:
-                    progress(len(out))
-        total = len(out)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        out.close()
+    with replacing(target, "index file") as tmp:
+        out = IndexStore.create(tmp, meta)
+        try:
+            for store, mask in zip(stores, keep):
+                remap = np.array([position[r] for r in store.meta.roots], dtype=np.int32)
+                for start in range(0, len(store), COPY_ROWS):
+                    part = mask[start:start + COPY_ROWS]
+                    if not part.any():
+                        continue
+                    batch = store.batch(start, start + len(part)).select(part)
+                    batch.root = remap[batch.root]
+                    out.append(batch)
+                    if progress:
+                        progress(len(out))
+            total = len(out)
+        finally:
+            out.close()
     return total
 
 
@@ -194,17 +188,15 @@ def _merge_errors(dirs: list[Path], path: Path) -> None:
     lines: list[str] = []
     for d in dirs:
         try:
-            text = (d / ERRORS_NAME).read_text(encoding="utf-8")
+            text = IndexDir(d).errors.read_text(encoding="utf-8")
         except FileNotFoundError:
             continue
         except OSError as error:
-            raise MgdedupError(f"cannot read {d / ERRORS_NAME}: {error.strerror}") from None
+            raise MgdedupError(f"cannot read {IndexDir(d).errors}: {error.strerror}") from None
         for line in text.splitlines():
             try:
                 json.loads(line)
             except ValueError:
                 continue
             lines.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in lines), "error list")

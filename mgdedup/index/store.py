@@ -82,6 +82,7 @@ import h5py
 import numpy as np
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import replacing
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -90,7 +91,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mgdedup-index"
 FORMAT_VERSION = 1
-H5_NAME = "embeddings.h5"
 DIGEST_CHARS = 32
 
 _PATH_DTYPE = h5py.string_dtype("utf-8")
@@ -471,8 +471,7 @@ class IndexStore:
         self._rewrite(np.ones(self._n, dtype=bool))
 
     def _rewrite(self, keep: np.ndarray) -> None:
-        """Copy kept rows block by block into ``<name>.tmp`` and atomically swap it in."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        """Copy kept rows block by block into a temporary file and atomically swap it in."""
         n_keep = int(keep.sum())
         block = max(1, _COPY_BLOCK_BYTES // (4 * self._meta.dim))
         src = _h5_open(self.path, "r", self.lock_timeout)
@@ -481,7 +480,8 @@ class IndexStore:
             self._check_same_file()
             if _row_count(src) != self._n:
                 raise MgdedupError(f"index {self.path} changed while being compacted; run again")
-            with h5py.File(tmp, "w", locking="best-effort") as dst:
+            with replacing(self.path, "index file") as tmp, \
+                    h5py.File(tmp, "w", locking="best-effort") as dst:
                 for key, value in src.attrs.items():
                     dst.attrs[key] = value
                 dst.attrs["updated"] = _now()
@@ -495,16 +495,8 @@ class IndexStore:
                     for name in DATASETS:
                         dst[name][out:out + m] = src[name][start:start + len(mask)][mask]
                     out += m
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            raise MgdedupError(f"cannot rewrite index file {self.path}: "
-                               f"{_one_line(exc)}") from exc
         finally:
             src.close()
-            if tmp.exists():
-                tmp.unlink()
         self._n = n_keep
         self._file_id = _file_id(self.path)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import replacing
 from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
 from mgdedup.model.trunks import build_trunk
 from mgdedup.model.whitening import ANY_RESOLUTION, Whitening
@@ -68,12 +69,11 @@ def model_to_dict(model: MultiGrainModel) -> dict:
 
 
 def save_model(model: MultiGrainModel, path: Path) -> None:
-    """Write atomically (tmp file then os.replace) so a crash never leaves half a model."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(model_to_dict(model), tmp)
-    os.replace(tmp, path)
+    """Write atomically, so a crash never leaves half a model; a folder that cannot be
+    written is a one-line MgdedupError."""
+    with replacing(path, "model file") as tmp:
+        with open(tmp, "wb") as handle:  # write errors surface as OSError, not RuntimeError
+            torch.save(model_to_dict(model), handle)
 
 
 def model_from_dict(data: dict, origin: str = "model file") -> MultiGrainModel:

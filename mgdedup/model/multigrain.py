@@ -7,7 +7,7 @@ retrieval descriptor is l2n(Phi(l2n(g))) (Phi = PCA whitening, identity when abs
 from __future__ import annotations
 
 import bisect
-import hashlib
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mgdedup.model.fingerprint import weights_fingerprint
 from mgdedup.model.pooling import GeM
+from mgdedup.model.pooling import gem as gem_pool
 from mgdedup.model.trunks.base import Trunk
 from mgdedup.model.whitening import ANY_RESOLUTION, Whitening
 
@@ -112,21 +114,18 @@ class MultiGrainModel(nn.Module):
         return whitening.dim if whitening is not None else self.feature_dim
 
     def fingerprint(self) -> str:
-        """Identity of the weights (trunk + classifier), stored in every index built with them."""
+        """Identity of the weights (trunk + classifier), stored in every index built with them.
+        Computed once per model: code that changes weights in place (training) calls
+        `weights_fingerprint` itself."""
         if self._fingerprint is None:
-            digest = hashlib.blake2b(digest_size=8)
-            digest.update(self.info.trunk.encode())
-            for key, value in sorted(self.trunk.state_dict().items()):
-                digest.update(key.encode())
-                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = f"{self.info.trunk}-{digest.hexdigest()}"
+            self._fingerprint = weights_fingerprint(self.trunk, self.info.trunk)
         return self._fingerprint
 
     # --- forward passes ----------------------------------------------------------------
     def gem(self, images: Tensor, p: float) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, C) raw GeM vectors at exponent p."""
-        self.pool.set_p(p)
-        return self.pool(self.trunk.forward_features(images))
+        """(B, 3, H, W) in [0, 1] -> (B, C) raw GeM vectors at the test exponent p (the
+        module's own `pool.p`, the training exponent, is left as it is)."""
+        return gem_pool(self.trunk.forward_features(images), p, self.pool.eps)
 
     def logits(self, g: Tensor) -> Tensor:
         """(B, C) GeM vectors -> (B, num_classes): the classifier sees the unnormalised g."""
@@ -162,3 +161,16 @@ class MultiGrainModel(nn.Module):
             folded_weight, folded_bias = whitening.fold(weight)
             inner = y @ folded_weight.T + folded_bias
         return torch.from_numpy(stored.gem_norm)[:, None] * inner + bias
+
+
+def for_inference(model: MultiGrainModel, device: str | torch.device = "cpu") -> MultiGrainModel:
+    """`model` in eval mode on `device`: the model itself when it already is, else a copy.
+    Models are shared (the registry caches them, a trainer keeps training its own), so code
+    that only embeds never changes one's mode or device in place."""
+    device = torch.device(device)
+    current = next(model.parameters()).device
+    same = current.type == device.type and (device.index is None
+                                            or current.index == device.index)
+    if same and not model.training:
+        return model
+    return copy.deepcopy(model).eval().to(device)

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.user_dirs import data_dir
 from mgdedup.model.model_file import imagenet_class_names, load_model_file, load_untrusted
 from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
 from mgdedup.model.whitening import Whitening
@@ -38,8 +39,7 @@ def weights_dirs() -> list[Path]:
     if os.environ.get("MGDEDUP_WEIGHTS"):
         dirs.append(Path(os.environ["MGDEDUP_WEIGHTS"]))
     dirs.append(Path(__file__).resolve().parents[2] / "weights")  # the repository's
-    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    dirs.append(data_home / "mgdedup" / "weights")
+    dirs.append(data_dir("weights"))
     return dirs
 
 

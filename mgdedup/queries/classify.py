@@ -11,7 +11,7 @@ import torch
 
 from mgdedup.embedding.embedder import Embedder
 from mgdedup.errors import MgdedupError
-from mgdedup.index.layout import H5_NAME
+from mgdedup.index.layout import IndexDir
 from mgdedup.index.model_check import model_for_index
 from mgdedup.index.store import IndexStore
 from mgdedup.model.multigrain import Descriptors, MultiGrainModel
@@ -59,7 +59,7 @@ def classify_index(index_dir: Path, k: int = 5, model_spec: str | None = None,
     """Classify every indexed image from its stored descriptor and norms (no image read)."""
     if k < 1:
         raise MgdedupError("-k must be at least 1")
-    with IndexStore.open(Path(index_dir) / H5_NAME) as store:
+    with IndexDir(index_dir).open_store() as store:
         meta = store.meta
         model = model_for_index(meta, model_spec)
         paths = [str(p) for p in store.absolute_paths()]

@@ -9,7 +9,7 @@ from pathlib import Path
 from mgdedup.embedding.embedder import Embedder
 from mgdedup.errors import MgdedupError
 from mgdedup.index.faiss_index import ensure_index, knn
-from mgdedup.index.layout import H5_NAME
+from mgdedup.index.layout import IndexDir
 from mgdedup.index.model_check import model_for_index
 from mgdedup.index.store import IndexStore
 
@@ -26,11 +26,11 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
     """Top-k neighbours of each query image; unreadable queries carry their error."""
     if k < 1:
         raise MgdedupError("-k must be at least 1")
-    with IndexStore.open(Path(index_dir) / H5_NAME) as store:
+    with IndexDir(index_dir).open_store() as store:
         meta = store.meta
         model = model_for_index(meta, model_spec)
-        embedder = Embedder(model, meta.resolution, workers=workers)
-        embedder.p = meta.p  # as the rows were computed, even if the model's p* table changed
+        # p as the rows were computed, even if the model's p* table changed since
+        embedder = Embedder(model, meta.resolution, workers=workers, p=meta.p)
         index = ensure_index(Path(index_dir), store)
         paths = [str(p) for p in store.absolute_paths()]
         results: list[QueryResult] = [QueryResult(str(q), []) for q in queries]

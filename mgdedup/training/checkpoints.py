@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import replacing
 from mgdedup.model.model_file import load_untrusted, model_to_dict
 from mgdedup.model.multigrain import MultiGrainModel
 
@@ -78,18 +79,13 @@ def _cpu(value: object) -> object:
 
 
 def save_checkpoint(path: Path, model: MultiGrainModel, training: dict) -> None:
-    """Write model file + training state atomically: tmp file, fsync, then os.replace, so an
-    interruption at any moment leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write model file + training state atomically, so an interruption at any moment leaves
+    the previous checkpoint intact."""
     data = model_to_dict(model)
     data[TRAINING_KEY] = {"format_version": TRAINING_FORMAT_VERSION, **_cpu(training)}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fp:
-        torch.save(data, fp)
-        fp.flush()
-        os.fsync(fp.fileno())
-    os.replace(tmp, path)
+    with replacing(path, "checkpoint") as tmp:
+        with open(tmp, "wb") as handle:
+            torch.save(data, handle)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:

@@ -4,7 +4,7 @@ Fine-tuning on a folder of unlabelled photos can fit those photos instead of lea
 invariance that carries over (BENCHMARKS.md: the held-out gain peaks and then falls while the
 training loss keeps going down). So a tenth of the folder (at most 100 images, chosen by a hash
 of the path: adding photos keeps the choice) is held out of training; each held-out image gets
-fixed copies (full-augmentation crops and the planted edits of `mgdedup.imaging.synthetic`) that query
+fixed copies (`mgdedup.imaging.edits`: the planted edits and full-augmentation crops) that query
 a database of the held-out originals plus up to 200 training images as distractors. The score
 is the mAP of those queries (one positive each, so the mean of 1/rank) on whitened descriptors,
 the way `index` stores them: the whitening is refitted on the database for every model, as
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from mgdedup.imaging.augment import augmented_copy
 from mgdedup.imaging.reading import ImageReadError, open_rgb
-from mgdedup.imaging.synthetic import EDITS
+from mgdedup.embedding.batching import shape_groups
+from mgdedup.imaging.edits import make_copies
 from mgdedup.imaging.transforms import resize_for_resolution
 from mgdedup.model.whitening import fit_whitening
 from mgdedup.tuning.whiten import DEFAULT_FLOOR_RANK
@@ -131,13 +131,9 @@ class CopyValidation:
                 continue
             owner = len(self.originals)
             self.originals.append(_pixels(image, self.resolution))
-            for copy_index in range(augmented_copies):
-                copy_seed = (seed * 1_000_003 + owner) * 101 + copy_index
-                self.queries.append(_pixels(augmented_copy(image, self.resolution, copy_seed),
-                                            self.resolution))
-                owners.append(owner)
-            for edit in EDITS.values():
-                self.queries.append(_pixels(edit(image, rng), self.resolution))
+            for _, copy in make_copies(image, rng, resolution=self.resolution,
+                                       aug_copies=augmented_copies, seed=seed, position=owner):
+                self.queries.append(_pixels(copy, self.resolution))
                 owners.append(owner)
         self.owners = np.asarray(owners, dtype=np.int64)
         self.distractors = [_pixels(image, self.resolution) for image in
@@ -157,20 +153,14 @@ class CopyValidation:
     def _embed(self, embed: EmbedFn, images: list[Tensor], device: torch.device
                ) -> tuple[Tensor, Tensor]:
         """GeM vectors and logits of uint8 images, batched by shape (s* > 224 keeps aspect)."""
-        gs: list[Tensor] = []
-        logits: list[Tensor] = []
-        start = 0
-        while start < len(images):
-            end = start + 1
-            while end < len(images) and end - start < BATCH \
-                    and images[end].shape == images[start].shape:
-                end += 1
-            batch = torch.stack(images[start:end]).to(device).float().div_(255.0)
+        gs: list[Tensor | None] = [None] * len(images)
+        logits: list[Tensor | None] = [None] * len(images)
+        for positions in shape_groups([tuple(image.shape) for image in images], BATCH):
+            batch = torch.stack([images[i] for i in positions]).to(device).float().div_(255.0)
             g, out = embed(batch)
-            gs.append(g.float().cpu())
-            logits.append(out.float().cpu())
-            start = end
-        return torch.cat(gs), torch.cat(logits)
+            for row, i in enumerate(positions):
+                gs[i], logits[i] = g[row].float().cpu(), out[row].float().cpu()
+        return torch.stack(gs), torch.stack(logits)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def score(self, embed: EmbedFn, device: torch.device | str = "cpu",

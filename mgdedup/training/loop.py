@@ -29,7 +29,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import write_text
 from mgdedup.model.model_file import load_model_file, model_from_dict, save_model
+from mgdedup.model.batchnorm import fold_batchnorm
+from mgdedup.model.fingerprint import weights_fingerprint
 from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
 from mgdedup.model.pooling import GeM
 from mgdedup.training.checkpoints import (
@@ -219,46 +222,10 @@ def prepare_pool(model: MultiGrainModel, config: TrainConfig) -> None:
     model.info.training_p = float(config.p)
 
 
-def fold_batchnorm(trunk: nn.Module) -> int:
-    """Move each frozen BatchNorm's scale into the convolution before it (same function).
-
-    With BatchNorm in eval mode, a conv weight W acts as W * gamma / sqrt(var + eps); in the
-    pretrained EfficientNet-Lite0 that factor reaches 75, so SGD steps on W are up to ~5000x
-    too large for those channels and fine-tuning collapses within a few iterations. After
-    folding, the conv holds W * factor and the BN is x + beta' (weight 1, mean 0,
-    var 1 - eps): the network computes the same outputs and keeps its state-dict layout, but
-    SGD sees well-conditioned weights. Pairs are (conv, BN) in registration order, the BN
-    right after a conv with as many output channels. Returns the number of pairs folded.
-    """
-    folded = 0
-    previous: nn.Module | None = None
-    with torch.no_grad():
-        for module in trunk.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                conv = previous
-                previous = None
-                if not isinstance(conv, nn.Conv2d) or conv.out_channels != module.num_features \
-                        or module.running_var is None or not module.affine:
-                    continue
-                factor = module.weight / torch.sqrt(module.running_var + module.eps)
-                shift = module.bias - module.running_mean * factor
-                if conv.bias is not None:
-                    shift = shift + conv.bias * factor
-                    conv.bias.zero_()
-                conv.weight.mul_(factor.view(-1, *([1] * (conv.weight.ndim - 1))))
-                module.weight.fill_(1.0)
-                module.bias.copy_(shift)
-                module.running_mean.zero_()
-                module.running_var.fill_(1.0 - module.eps)
-                folded += 1
-            elif isinstance(module, nn.Conv2d):
-                previous = module
-    return folded
-
-
 def fingerprint_of(model: MultiGrainModel) -> str:
-    model._fingerprint = None
-    return model.fingerprint()
+    """The weights' identity now: `MultiGrainModel.fingerprint` is cached, and training
+    changes the weights in place."""
+    return weights_fingerprint(model.trunk, model.info.trunk)
 
 
 class Trainer:
@@ -510,9 +477,7 @@ class Trainer:
                 continue
             if record.get("iteration", 0) <= self.iteration:
                 kept.append(line)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in kept), "training metrics")
 
     def save(self) -> None:
         """last.ckpt at the current position (rank 0 only; every rank holds the same state)."""

@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from mgdedup.embedding.batching import shape_groups
 from mgdedup.embedding.embedder import default_workers
 from mgdedup.errors import MgdedupError
 from mgdedup.evaluation.inaug import InaugSet, InaugTensors, inaug_metrics
 from mgdedup.imaging.reading import ImageReadError
 from mgdedup.model.model_file import save_model
-from mgdedup.model.multigrain import MultiGrainModel
+from mgdedup.model.multigrain import MultiGrainModel, for_inference
 from mgdedup.model.pooling import gem
 from mgdedup.model.whitening import ANY_RESOLUTION
 
@@ -86,7 +87,7 @@ def gem_grid(model: MultiGrainModel, inaug: InaugSet, resolution: int, grid: Seq
              ) -> tuple[np.ndarray, np.ndarray]:
     """GeM vectors of every IN-aug row for every p of the grid: ((P, N, C) float32, (k,) bool
     mask of the sources that could be read; rows of unread sources are zero)."""
-    model = model.eval().to(device)
+    model = for_inference(model, device)
     n_sources = len(inaug.sources)
     out = np.zeros((len(grid), len(inaug), model.feature_dim), np.float32)
     ok = np.zeros(n_sources, bool)
@@ -96,20 +97,19 @@ def gem_grid(model: MultiGrainModel, inaug: InaugSet, resolution: int, grid: Seq
                         num_workers=workers, collate_fn=_collate,
                         prefetch_factor=2 if workers else None)
     for items in loader:
-        good = [(i, tensors) for i, tensors in items if tensors is not None]
-        by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
-        for i, tensors in good:
-            ok[i] = True
-            for j, tensor in enumerate(tensors):
-                by_shape.setdefault(tuple(tensor.shape), []).append((i * inaug.copies + j,
-                                                                     tensor))
-        for rows_tensors in by_shape.values():
-            rows = [r for r, _ in rows_tensors]
-            batch = torch.stack([t for _, t in rows_tensors]).to(device)
+        rows, tensors = [], []
+        for i, copies in items:
+            if copies is not None:
+                ok[i] = True
+                rows += [i * inaug.copies + j for j in range(len(copies))]
+                tensors += list(copies)
+        for positions in shape_groups([tuple(t.shape) for t in tensors]):
+            batch = torch.stack([tensors[k] for k in positions]).to(device)
             features = model.trunk.forward_features(
                 batch.contiguous(memory_format=torch.channels_last)).float()
+            chosen = [rows[k] for k in positions]
             for index, p in enumerate(grid):
-                out[index, rows] = gem(features, float(p)).cpu().numpy()
+                out[index, chosen] = gem(features, float(p)).cpu().numpy()
         if on_progress is not None:
             on_progress(len(items))
     return out, ok

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from mgdedup.embedding.embedder import Embedder
 from mgdedup.errors import MgdedupError
-from mgdedup.imaging.edits import pair_metrics, write_edited_copies
+from mgdedup.evaluation.metrics import pair_metrics
+from mgdedup.imaging.edits import write_copies
 from mgdedup.imaging.scan import scan_images
 from mgdedup.model.multigrain import MultiGrainModel
 from mgdedup.model.whitening import Whitening, fit_whitening
@@ -80,11 +81,11 @@ def whiten_model(model: MultiGrainModel, folders: list[Path], resolution: int,
 
 def calibrate_threshold(embedder: Embedder, whitening: Whitening, originals: np.ndarray,
                         paths: list[Path], target_precision: float = 0.99) -> float | None:
-    """The cosine reaching `target_precision` on edited copies of some fitting images (the
-    edits of mgdedup.imaging.synthetic). Optimistic since these images also fitted the whitening;
-    None when the target is never reached."""
+    """The cosine reaching `target_precision` on the planted edits (`mgdedup.imaging.edits`)
+    of some fitting images. Optimistic since these images also fitted the whitening; None when
+    the target is never reached."""
     with tempfile.TemporaryDirectory(prefix="mgdedup-calibrate-") as tmp:
-        copies, family = write_edited_copies(paths, Path(tmp))
+        copies, family, _ = write_copies(paths, Path(tmp), resolution=embedder.resolution)
         gem = [batch.gem for batch in embedder.embed_files(copies, digest=False, keep_gem=True)
                if batch.gem is not None]
     if not gem:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mgdedup.model.batchnorm import folded_conv
 from mgdedup.model.trunks.base import Trunk
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,7 @@ def conv_bn(x: Tensor, conv: SameConv2d, bn: nn.BatchNorm2d) -> Tensor:
     """
     if bn.training:
         return bn(conv(x))
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (Cout,)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)  # (Cout, Cin/groups, k, k), keeps mem format
-    bias = bn.bias - bn.running_mean * scale  # (Cout,)
-    return conv(x, weight, bias)
+    return conv(x, *folded_conv(conv.weight, bn))  # (Cout, Cin/groups, k, k), (Cout,)
 
 
 class MBConvBlock(nn.Module):

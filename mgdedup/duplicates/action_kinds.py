@@ -1,0 +1,13 @@
+"""What `dedup --action` can do to a duplicate (kept apart so the CLI can name the choices
+without importing the machinery of `mgdedup.duplicates.actions`)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Action(str, Enum):
+    MOVE = "move"
+    HARDLINK = "hardlink"
+    SYMLINK = "symlink"
+    DELETE = "delete"
