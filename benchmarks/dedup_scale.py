@@ -106,7 +106,8 @@ def step_build(idx_dir: str, factory: str, nprobe: int | None, queue: mp.Queue) 
     with IndexStore.open(Path(idx_dir) / "embeddings.h5") as store:
         kind = resolve_factory(factory, len(store))
         index = ensure_index(idx_dir, store, kind)
-    queue.put({"cpu_s": round(cpu_seconds(), 1), "factory": kind, "nprobe": mgdedup.index.faiss_index.DEFAULT_NPROBE if "IVF" in kind
+    queue.put({"cpu_s": round(cpu_seconds(), 1), "factory": kind, "nprobe":
+               mgdedup.index.faiss_index.DEFAULT_NPROBE if "IVF" in kind
                else None, "ntotal": int(index.ntotal),
                "seconds": round(time.perf_counter() - t0, 1),
                "peak_rss_mib": round(peak_rss_mib())})

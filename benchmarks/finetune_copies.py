@@ -15,7 +15,8 @@ Usage: python benchmarks/finetune_copies.py [--photos DIR] [--train 400] [--held
 3. On held-out images that training never saw (other generated scenes; with --photos the other
    1/4 of the photos), compare the initial and the fine-tuned model:
    - copy retrieval: each held-out original gets C "full"-augmentation copies
-     (mgdedup.imaging.augment.augmented_copy) and one of each planted edit (mgdedup.imaging.synthetic.EDITS);
+     (mgdedup.imaging.augment.augmented_copy) and one of each planted edit
+     (mgdedup.imaging.edits.EDITS);
      a copy queries the originals; mAP with one positive per query (= mean 1/rank), and
      the change on the same queries with a 95 % bootstrap interval over originals;
    - classifier: top-1 agreement of the fine-tuned model with the initial one on the held-out
@@ -162,7 +163,8 @@ def main() -> None:
     parser.add_argument("--eval-resolution", type=int, default=224)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tuned", type=Path, default=None,
-                        help="evaluate this model of an earlier run (WORKDIR/tuned.pt), no training")
+                        help="evaluate this model of an earlier run (WORKDIR/tuned.pt), "
+                             "no training")
     parser.add_argument("--agreement-photos", type=Path, default=None,
                         help="real photos for top-1 agreement (held-out quarter if --photos)")
     parser.add_argument("--agreement-count", type=int, default=200)
@@ -229,7 +231,8 @@ def main() -> None:
                          batch_size=args.batch_size, lr=args.lr, lam=args.lam, milestones=[],
                          train_blocks=args.train_blocks, beta0=args.beta0,
                          whiten=False,  # the same refit as training's, at --eval-resolution only
-                         resolution=args.resolution, workers=args.workers, log_every=5, save_every=5,
+                         resolution=args.resolution, workers=args.workers, log_every=5,
+                         save_every=5,
                          select_best=not args.keep_last, original_view=args.original_view,
                          validate_every=args.validate_every,
                          device="cpu")
@@ -243,7 +246,8 @@ def main() -> None:
                                args.eval_resolution)
         database, white_db, _ = embed(snapshot, originals, args.eval_resolution)
         queries, white_q, _ = embed(snapshot, aug, args.eval_resolution)
-        curve.append({"iteration": record["iteration"], "internal": round(record["map_whitened"], 4),
+        curve.append({"iteration": record["iteration"],
+                      "internal": round(record["map_whitened"], 4),
                       "internal_l2n": round(record["map_l2n"], 4),
                       "internal_agreement": round(record["agreement"], 4),
                       "heldout": round(retrieval_map(white_q, aug_owner_a, white_db), 4),
@@ -258,7 +262,8 @@ def main() -> None:
         finally:
             trainer.close()
     else:  # evaluate a finished run again (same generated data: the seeds are fixed)
-        out, config.out, config.run_dir = args.tuned, str(args.tuned), str(args.tuned.parent / "run")
+        out, config.out = args.tuned, str(args.tuned)
+        config.run_dir = str(args.tuned.parent / "run")
     seconds = time.perf_counter() - started
     tuned = whitened_on(load_model_file(out), train_dir, args.eval_resolution)
     after = evaluate(tuned, originals, aug, aug_owner_a, edits, edit_owner_a, others,
@@ -293,7 +298,8 @@ def main() -> None:
         "agreement_photos": len(others),
         "top1_agreement_photos": None if others_agreement is None else round(others_agreement, 4),
         "margin_first": round(steps[0]["margin"], 4), "margin_last": round(steps[-1]["margin"], 4),
-        "kl_first": round(steps[0]["distillation"], 4), "kl_last": round(steps[-1]["distillation"], 4),
+        "kl_first": round(steps[0]["distillation"], 4),
+        "kl_last": round(steps[-1]["distillation"], 4),
         "selected_iteration": selected[-1]["iteration"] if selected else None,
         "validations": [{"iteration": r["iteration"], "map_whitened": round(r["map_whitened"], 4),
                          "agreement": round(r["agreement"], 4)}

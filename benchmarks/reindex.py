@@ -50,7 +50,8 @@ def write_files(folder: Path, count: int) -> None:
 
 
 def build_first_index(folder: Path, idx_dir: Path, resolution: int) -> int:
-    from mgdedup.imaging.scan import file_digest, scan_images
+    from mgdedup.files.digest import file_digest
+    from mgdedup.imaging.scan import scan_images
     from mgdedup.index.build import model_meta
     from mgdedup.index.faiss_index import build_index, resolve_factory, save_index
     from mgdedup.index.layout import IndexDir

@@ -87,7 +87,8 @@ def main() -> None:
         for trunk in args.trunks.split(","):
             rate = step_rate(trunk, data, Path(tmp), args)
             print(f"| {trunk} | {rate:.1f} | {args.batch_size / rate:.2f} |", flush=True)
-    print(f"| full augmentation of a 640x480 image (1 process) | {augment_rate(args.resolution):.0f}"
+    print("| full augmentation of a 640x480 image (1 process) | "
+          f"{augment_rate(args.resolution):.0f}"
           f" | |")
 
 

@@ -24,7 +24,7 @@ from mgdedup.duplicates.actions import (
 )
 from mgdedup.duplicates.find import DedupResult, find_duplicates
 from mgdedup.errors import MgdedupError
-from mgdedup.imaging.scan import file_digest
+from mgdedup.files.digest import file_digest
 from mgdedup.imaging.synthetic import random_scene
 from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexStore

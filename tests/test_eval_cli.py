@@ -192,7 +192,8 @@ def test_eval_copydays_json(tmp_path):
                   "--cache", str(tmp_path / "c"))
     assert set(result) == {"map", "queries", "distractors"} | CONTEXT
     database = [root / "original" / "200000.jpg", root / "original" / "200100.jpg",
-                tmp_path / "distractors" / "a" / "d0.jpg", tmp_path / "distractors" / "a" / "d1.jpg"]
+                tmp_path / "distractors" / "a" / "d0.jpg",
+                tmp_path / "distractors" / "a" / "d1.jpg"]
     queries = [root / "strong" / "200001_strong.jpg", root / "strong" / "200101_strong.jpg"]
     x = _descriptors(database + queries)
     expected = metrics.copydays_map(x[4:] @ x[:4].T, np.array([0, 1]))

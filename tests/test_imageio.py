@@ -68,7 +68,8 @@ def test_sniff_big_endian_tiff_and_iso_bmff_brands():
 
 @pytest.mark.parametrize("head", [
     b"", b"hello world, this is text", b"BM but not a bitmap, just prose",
-    b"P1 is a nice parking spot", b"\x00\x00\x01\x00\x00\x00" + bytes(30), b"RIFF\x00\x00\x00\x00WAVE",
+    b"P1 is a nice parking spot", b"\x00\x00\x01\x00\x00\x00" + bytes(30),
+    b"RIFF\x00\x00\x00\x00WAVE",
 ])
 def test_sniff_rejects_lookalikes(head):
     assert sniff_bytes(head) is None
@@ -224,7 +225,8 @@ def save_oriented(upright: Image.Image, path: Path, orientation: int, **kwargs) 
 def test_exif_orientation(tmp_path, orientation, ext):
     upright = scene(96, 64)
     path = tmp_path / f"o{orientation}.{ext}"
-    options = {"quality": 95, "subsampling": 0} if ext == "jpg" else {"lossless": True} if ext == "webp" else {}
+    options = ({"quality": 95, "subsampling": 0} if ext == "jpg"
+               else {"lossless": True} if ext == "webp" else {})
     save_oriented(upright, path, orientation, **options)
     rgb, size = open_rgb(path)
     assert size == (96, 64)

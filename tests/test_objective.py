@@ -125,7 +125,8 @@ def test_lam_zero_needs_no_logits_and_is_the_margin_loss():
 def test_bad_shapes_and_arguments_raise(change, match):
     x, ids, logits, labels = batch()
     kwargs = {"logits": torch.tensor(logits, dtype=torch.float32),
-                  "labels": torch.tensor(labels), "embeddings": torch.tensor(x, dtype=torch.float32),
+                  "labels": torch.tensor(labels),
+                  "embeddings": torch.tensor(x, dtype=torch.float32),
                   "instance_ids": torch.tensor(ids), "margin": MarginLoss(), "lam": 0.5}
     kwargs.update(change)
     with pytest.raises(ValueError, match=match):

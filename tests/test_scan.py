@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.digest import file_digest
 from mgdedup.imaging import scan as scan_module
-from mgdedup.imaging.scan import ScannedFile, file_digest, scan_images
+from mgdedup.imaging.scan import ScannedFile, scan_images
 
 
 def tiny(path: Path, fmt: str | None = None, colour=(200, 30, 30)) -> Path:

@@ -27,6 +27,7 @@ from mgdedup.cli.shell import (
     progress_bar,
     user_errors,
 )
+from mgdedup.duplicates.action_kinds import Action
 from mgdedup.duplicates.precision import (
     DEFAULT_AUG_COPIES,
     DEFAULT_COPY_RATE,
@@ -34,9 +35,8 @@ from mgdedup.duplicates.precision import (
     DEFAULT_SAMPLE,
     DEFAULT_TARGETS,
 )
-from mgdedup.duplicates.action_kinds import Action
-from mgdedup.imaging.edits import MAX_AUG_COPIES
 from mgdedup.errors import MgdedupError
+from mgdedup.imaging.edits import MAX_AUG_COPIES
 
 if TYPE_CHECKING:
     from mgdedup.duplicates.find import DedupResult
@@ -262,7 +262,8 @@ def calibrate(
         "--sample", min=1, help="Indexed images to make synthetic copies of.")
     ] = DEFAULT_SAMPLE,
     aug_copies: Annotated[int, typer.Option(
-        "--aug-copies", min=0, max=MAX_AUG_COPIES, help="Full-augmentation (IN-aug) copies per image, besides the "
+        "--aug-copies", min=0, max=MAX_AUG_COPIES,
+        help="Full-augmentation (IN-aug) copies per image, besides the "
                                     "five planted edits.")] = DEFAULT_AUG_COPIES,
     neighbours: Annotated[int, typer.Option(
         "--neighbours", min=1, help="Nearest other images looked at per indexed image.")

@@ -62,12 +62,20 @@ def _progress(description: str) -> Iterator[Callable[[int], None]]:
         yield lambda n: progress.advance(task, n)
 
 
-def _options(model: str | None, p: float | None, cache: Path | None, device: str,
-             workers: int | None) -> tuple[Any, dict[str, Any]]:
+def _evaluate(title: str, benchmark: str, args: tuple, model: str | None, p: float | None,
+              cache: Path | None, device: str, workers: int | None, as_json: bool,
+              **options: Any) -> None:
+    """Run `mgdedup.evaluation.runner.<benchmark>(model, *args, **options)` with a progress
+    bar and show its result."""
+    from mgdedup.evaluation import runner
     from mgdedup.model.registry import load_model
 
-    return load_model(model), {"p": p, "cache_root": cache, "device": device,
-                               "workers": workers}
+    loaded = load_model(model)
+    with _progress(title) as advance:
+        result = getattr(runner, benchmark)(loaded, *args, on_progress=advance, p=p,
+                                            cache_root=cache, device=device, workers=workers,
+                                            **options)
+    _show(result, as_json)
 
 
 def _show(result: dict[str, Any], as_json: bool) -> None:
@@ -100,13 +108,8 @@ def eval_holidays(
     workers: WorkersOption = None, as_json: JsonOption = False,
 ) -> None:
     """INRIA Holidays mAP. Example: mgdedup eval holidays /data/holidays -r 500"""
-    from mgdedup.evaluation import runner
-
-    loaded, options = _options(model, p, cache, device, workers)
-    with _progress("Holidays") as advance:
-        result = runner.holidays(loaded, root, resolution, rotate_file=rotate_file,
-                                 on_progress=advance, **options)
-    _show(result, as_json)
+    _evaluate("Holidays", "holidays", (root, resolution), model, p, cache, device, workers,
+              as_json, rotate_file=rotate_file)
 
 
 @eval_app.command("ukb")
@@ -119,12 +122,7 @@ def eval_ukb(
     workers: WorkersOption = None, as_json: JsonOption = False,
 ) -> None:
     """UKBench score (0-4). Example: mgdedup eval ukb /data/ukbench -r 500"""
-    from mgdedup.evaluation import runner
-
-    loaded, options = _options(model, p, cache, device, workers)
-    with _progress("UKBench") as advance:
-        result = runner.ukb(loaded, root, resolution, on_progress=advance, **options)
-    _show(result, as_json)
+    _evaluate("UKBench", "ukb", (root, resolution), model, p, cache, device, workers, as_json)
 
 
 @eval_app.command("copydays")
@@ -140,13 +138,8 @@ def eval_copydays(
 ) -> None:
     """Copydays strong (+ distractors) mAP.
     Example: mgdedup eval copydays /data/copydays --distractors /data/yfcc10k"""
-    from mgdedup.evaluation import runner
-
-    loaded, options = _options(model, p, cache, device, workers)
-    with _progress("Copydays") as advance:
-        result = runner.copydays(loaded, root, resolution, distractors=distractors,
-                                 on_progress=advance, **options)
-    _show(result, as_json)
+    _evaluate("Copydays", "copydays", (root, resolution), model, p, cache, device, workers,
+              as_json, distractors=distractors)
 
 
 @eval_app.command("imagenet")
@@ -159,12 +152,7 @@ def eval_imagenet(
     workers: WorkersOption = None, as_json: JsonOption = False,
 ) -> None:
     """ImageNet validation top-1 / top-5. Example: mgdedup eval imagenet /data/imagenet -r 224"""
-    from mgdedup.evaluation import runner
-
-    loaded, options = _options(model, p, cache, device, workers)
-    with _progress("ImageNet") as advance:
-        result = runner.imagenet(loaded, root, resolution, on_progress=advance, **options)
-    _show(result, as_json)
+    _evaluate("ImageNet", "imagenet", (root, resolution), model, p, cache, device, workers, as_json)
 
 
 @eval_app.command("inaug")
@@ -180,14 +168,11 @@ def eval_inaug(
 ) -> None:
     """IN-aug surrogate (paper 4.2): k images x 5 'full'-augmented copies; score /5, mAP,
     micro-AP. Example: mgdedup eval inaug /data/imagenet/train -r 500"""
-    from mgdedup.evaluation import inaug, runner
+    from mgdedup.evaluation.inaug import DEFAULT_K
 
-    loaded, options = _options(model, p, cache, device, workers)
-    with _progress("IN-aug") as advance:
-        result = runner.inaug(loaded, root, resolution, k=inaug.DEFAULT_K if k is None else k,
-                              seed=seed, layout=layout, per_class=per_class,
-                              exclude=tuple(exclude or ()), on_progress=advance, **options)
-    _show(result, as_json)
+    _evaluate("IN-aug", "inaug", (root, resolution), model, p, cache, device, workers, as_json,
+              k=DEFAULT_K if k is None else k, seed=seed, layout=layout, per_class=per_class,
+              exclude=tuple(exclude or ()))
 
 
 @eval_app.command("pairs")
@@ -206,13 +191,8 @@ def eval_pairs(
 ) -> None:
     """Copy detection on any folder: micro-AP over all pairs, mAP, precision/recall.
     Example: mgdedup eval pairs gt.json photos/"""
-    from mgdedup.evaluation import runner
-
-    loaded, options = _options(model, p, cache, device, workers)
-    with _progress("pairs") as advance:
-        result = runner.pairs(loaded, ground_truth, root, resolution, threshold=threshold,
-                              on_progress=advance, **options)
-    _show(result, as_json)
+    _evaluate("pairs", "pairs", (ground_truth, root, resolution), model, p, cache, device,
+              workers, as_json, threshold=threshold)
 
 
 def _numbers(text: str, kind: type, what: str) -> list:

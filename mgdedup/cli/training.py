@@ -7,7 +7,6 @@ load it. Under `torchrun` every process runs this same command; only rank 0 prin
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -76,7 +75,8 @@ def train(
                                           "100) out of training, score copy retrieval on them "
                                           "at the start and after each epoch, and write the "
                                           "best model (default): never one that retrieves "
-                                          "them worse than the initial model; --keep-last trains on every image "
+                                          "them worse than the initial model; --keep-last "
+                                          "trains on every image "
                                           "and writes the last model.")] = None,
     original_view: Annotated[bool | None, typer.Option(
         "--original-view/--augmented-only", help="The first of the m copies of each image in "
@@ -182,8 +182,6 @@ class _Reporter:
         self.progress = progress
         self.task = None
         self.epochs = 0
-        self.last_epoch: dict | None = None
-        self.started = time.monotonic()
 
     def __call__(self, record: dict) -> None:
         event = record.get("event")
@@ -226,7 +224,7 @@ class _Reporter:
                       f"mAP {record['initial_map_whitened']:.4f} -> "
                       f"{record['map_whitened']:.4f}", highlight=False, soft_wrap=True)
         elif event == "epoch":
-            self.last_epoch = record  # one line per epoch, also in SLURM logs (not a TTY)
+            # one line per epoch, also in SLURM logs (not a TTY)
             err.print(self.epoch_line(record), highlight=False, soft_wrap=True)
 
     def epoch_line(self, record: dict) -> str:

@@ -32,13 +32,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mgdedup.duplicates.find import DedupResult
-from mgdedup.errors import MgdedupError
-from mgdedup.imaging.scan import file_digest
 from mgdedup.duplicates.action_kinds import Action
+from mgdedup.duplicates.find import DedupResult
+from mgdedup.errors import MgdedupError, one_line
 from mgdedup.files.atomic import fsync_dir
+from mgdedup.files.digest import file_digest
 from mgdedup.index.layout import IndexDir
-from mgdedup.index.store import IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -173,22 +172,18 @@ def _plan_one(source: Path, keeper: Path, action: Action, permanent: bool,
     facts = stored.get(str(source))
     if facts is not None:
         step.digest, step.size, step.mtime_ns = facts.digest, facts.size, facts.mtime_ns
-    reason = (_outside_reason(root)
-              or _role_reason(source, resolved, keeper, keepers, reserved)
+    reason = (_role_reason(source, resolved, keeper, keepers, reserved)
               or (None if facts is not None else "not in the index")
               or _source_reason(source, facts)
               or _keeper_reason(keeper, action, resolved))
-    if reason:
-        step.kind, step.reason = SKIP, reason
+    if root is None or reason:
+        step.kind = SKIP
+        step.reason = "outside the indexed folders (after resolving symlinks)" \
+            if root is None else reason
         return step
-    assert root is not None  # _outside_reason said so
     if not (action is Action.DELETE and permanent):
         step.destination = resolved.relative_to(root)
     return step
-
-
-def _outside_reason(root: Path | None) -> str | None:
-    return "outside the indexed folders (after resolving symlinks)" if root is None else None
 
 
 def _role_reason(source: Path, resolved: Path, keeper: Path, keepers: set[Path],
@@ -282,8 +277,8 @@ def apply_plan(steps: Sequence[PlannedStep], index_dir: Path) -> ActionReport:
             entry = _apply_one(step)
         except (OSError, MgdedupError) as exc:
             report.failed += 1
-            report.messages.append(f"failed {step.source}: {_one_line(exc)}")
-            log.error("failed %s %s: %s", step.kind, step.source, _one_line(exc))
+            report.messages.append(f"failed {step.source}: {one_line(exc)}")
+            log.error("failed %s %s: %s", step.kind, step.source, one_line(exc))
             continue
         manifest.append(entry)
         report.done += 1
@@ -318,7 +313,8 @@ def _apply_one(step: PlannedStep) -> dict[str, Any]:
 
 def _free(destination: Path | None) -> Path:
     """The planned destination, or the next free name if one appeared since planning."""
-    assert destination is not None
+    if destination is None:
+        raise MgdedupError("the planned step has no destination")
     return _unique_destination(destination, set())
 
 
@@ -400,9 +396,6 @@ def _append_line(path: Path, entry: dict[str, Any]) -> None:
         fsync_dir(path.parent)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
 
 # --- undo ----------------------------------------------------------------------------------
 
@@ -445,8 +438,8 @@ def _undo_counted(entry: dict[str, Any], number: int, manifest: Path,
         reason = _undo_one(entry)
     except (OSError, MgdedupError) as exc:
         report.failed += 1
-        report.messages.append(f"failed to restore {source}: {_one_line(exc)}")
-        log.error("failed to restore %s: %s", source, _one_line(exc))
+        report.messages.append(f"failed to restore {source}: {one_line(exc)}")
+        log.error("failed to restore %s: %s", source, one_line(exc))
         return
     if reason:
         report.skipped += 1
@@ -506,7 +499,7 @@ def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
     try:
         lines = manifest.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise MgdedupError(f"cannot read manifest {manifest}: {_one_line(exc)}") from exc
+        raise MgdedupError(f"cannot read manifest {manifest}: {one_line(exc)}") from exc
     entries = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

@@ -8,7 +8,6 @@ pair is grouped whatever its similarity. The latest verdict on a pair wins.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -25,9 +25,6 @@ log = logging.getLogger(__name__)
 #: measured cosine default is the p99 threshold too (BENCHMARKS.md)
 DEFAULT_TARGET_PRECISION = 0.99
 
-#: how a threshold was chosen, as reports state it
-THRESHOLD_SOURCES = ("threshold", "measured", "default", "precision")
-
 
 @dataclass
 class DedupResult:
@@ -100,7 +97,8 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
     person marked as duplicates; pairs marked "not-duplicate" never group.
 
     The score is the cosine similarity, or with `score_norm` the SSCD-normalised one
-    (`mgdedup.duplicates.score_norm`: the collection is its own background). The threshold is chosen by
+    (`mgdedup.duplicates.score_norm`: the collection is its own background). The threshold
+    is chosen by
     `choose_threshold` (given, measured, or calibrated for `precision`; extra keyword
     options go to `mgdedup.duplicates.precision.calibrate_index` when it has to run).
     """

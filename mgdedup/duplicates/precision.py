@@ -41,15 +41,13 @@ the target bounds false alarms per image instead: N(t) <= rate * TPR(t) * (1 - p
 The threshold for a target p is the lowest candidate score (>= exact_from) whose precision
 is >= p, the convention of `mgdedup.evaluation.metrics.threshold_at_precision`.
 
-Measured (BENCHMARKS.md, "Calibration"): on held-out generated collections the calibrated
-thresholds reach every target (precision 1.0 for 0.9/0.95/0.99). On 240 real photos with 60
-planted copies (s* 224) they reached 0.87 / 0.91 / 0.95 for 0.9 / 0.95 / 0.99: c_hat came out
-10 % high (0.55 vs 0.50) and absorbed three pairs of different photos of the same vegetables.
-Precision at a high target hinges on c_hat being right within (1 - p) c, which no unlabelled
-estimate promises: read 0.99 as "about 0.95" on collections of look-alike shots. Without the
-full-augmentation copies (--aug-copies 0) c_hat came out low (0.44) and thresholds very
-conservative (precision 1.0, recall 0.25-0.35); with 1 or 2 the results above. The whole curve is stored in
-IDX/calibration.json (per scoring mode: cosine, or SSCD-normalised which is on another
+How close the estimate comes is measured in BENCHMARKS.md ("Calibration"). Precision at a
+high target hinges on c_hat being right within (1 - p) c, which no unlabelled estimate
+promises: on collections of look-alike shots c_hat comes out high (pairs of different photos
+of the same things look like copies) and the precision reached is lower than the target.
+Without the full-augmentation copies c_hat comes out low and the thresholds conservative.
+The whole curve is stored in IDX/calibration.json (per scoring mode: cosine, or
+SSCD-normalised which is on another
 scale), so any target is answered without re-embedding. It is stale when the model,
 whitening or resolution differ, or the row count changed by more than 20 %.
 """
@@ -59,7 +57,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -254,7 +251,6 @@ def calibrate_index(index_dir: Path, *, sample: int = DEFAULT_SAMPLE,
     from mgdedup.imaging.edits import write_copies
     from mgdedup.index.faiss_index import ensure_index, knn
     from mgdedup.index.model_check import model_for_index
-    from mgdedup.index.store import IndexStore
 
     index_dir = Path(index_dir)
     if sample < 1 or aug_copies < 0 or neighbours < 1:
@@ -349,7 +345,6 @@ def ensure_calibration(index_dir: Path, score_norm: ScoreNorm | None = None, *,
 
     `on_calibrate(reason)` is called before a (slow: it embeds images) re-estimation.
     """
-    from mgdedup.index.store import IndexStore
 
     index_dir = Path(index_dir)
     mode = mode_key(score_norm)

@@ -36,8 +36,8 @@ from PIL import Image
 
 from mgdedup.cpus import available_cpus
 from mgdedup.duplicates.find import DedupResult
-from mgdedup.files.atomic import write_text
 from mgdedup.duplicates.report_text import FileFacts
+from mgdedup.files.atomic import write_text
 from mgdedup.imaging.reading import ImageReadError, open_rgb
 
 log = logging.getLogger(__name__)

@@ -20,3 +20,14 @@ def shape_groups(shapes: Sequence[tuple[int, ...]], max_batch: int | None = None
         raise ValueError("max_batch must be at least 1")
     return [group[start:start + max_batch] for group in groups.values()
             for start in range(0, len(group), max_batch)]
+
+
+def as_list(items: list) -> list:
+    """DataLoader collate function that keeps a batch as the list of its items (images of
+    several shapes, or results that are not tensors)."""
+    return items
+
+
+def as_item(item: object) -> object:
+    """DataLoader collate function for ``batch_size=None``: each item as it is."""
+    return item

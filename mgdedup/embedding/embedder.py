@@ -5,16 +5,15 @@ Two pipelines, both in DataLoader worker processes and both yielding batches in 
 - ONNX Runtime on CPU (the default there): each worker decodes an image AND runs the trunk
   and GeM on it with its own single-threaded session, and sends back the C-d GeM vector.
   The cores never wait for each other, and no decoded image crosses a process boundary
-  (a 500x375 float tensor is 2.2 MB). Measured on 2 cores, 12 MP JPEGs at s* = 500: 19.5
-  against 14.3 images/s when one worker decoded and the main process ran a 2-thread session
-  (100 against 127 ms CPU per image, back to back; BENCHMARKS.md).
+  (a 500x375 float tensor is 2.2 MB). On CPU this beat one decoding worker feeding a
+  multi-threaded session in the main process (BENCHMARKS.md, embedding throughput).
 - PyTorch (CUDA, `--backend torch`, or no ONNX path): workers decode, the main process runs
   the forward pass, overlapping them. At s* > 224 images keep their aspect ratio, so a batch
   holds tensors of several shapes: those of one shape are stacked and run together (no
   padding, which would change the GeM vector), the rest alone.
 
-ONNX Runtime gives descriptors equal to PyTorch's to ~1e-6 (`mgdedup.embedding.onnx_trunk`). GeM with
-p* is computed in torch on the feature map either way.
+ONNX Runtime gives descriptors equal to PyTorch's to ~1e-6 (`mgdedup.embedding.onnx_trunk`).
+GeM with p* is computed in torch on the feature map either way.
 """
 
 from __future__ import annotations
@@ -33,11 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from mgdedup.cpus import available_cpus
 from mgdedup.embedding import onnx_trunk
-from mgdedup.embedding.batching import shape_groups
+from mgdedup.embedding.batching import as_item, as_list, shape_groups
 from mgdedup.embedding.onnx_trunk import OnnxTrunk
 from mgdedup.errors import MgdedupError
+from mgdedup.files.digest import file_digest
 from mgdedup.imaging.reading import ImageReadError
-from mgdedup.imaging.scan import file_digest
 from mgdedup.imaging.transforms import load_for_embedding
 from mgdedup.model.multigrain import Descriptors, MultiGrainModel, for_inference
 from mgdedup.model.pooling import gem as gem_pool
@@ -139,14 +138,6 @@ class ImageFiles(Dataset):
             return DecodedImage(position, None, (0, 0), "", f"cannot read file: {error.strerror}")
         item = DecodedImage(position, tensor, size, digest)
         return self.forward(item) if self.forward is not None else item
-
-
-def _keep_list(items: list[DecodedImage]) -> list[DecodedImage]:
-    return items
-
-
-def _keep_item(item: DecodedImage) -> DecodedImage:
-    return item
 
 
 #: most worker processes that each run their own ONNX Runtime sessions (each holds its own
@@ -293,7 +284,7 @@ class Embedder:
         if not self.forward_in_workers:
             loader = DataLoader(ImageFiles(paths, self.resolution, digest),
                                 batch_size=self.batch_size, num_workers=self.workers,
-                                collate_fn=_keep_list, prefetch_factor=4 if self.workers else None)
+                                collate_fn=as_list, prefetch_factor=4 if self.workers else None)
             yield from loader
             return
         assert self.onnx is not None
@@ -301,7 +292,7 @@ class Embedder:
         forward = WorkerForward(self.onnx, self.p, self.model.pool.eps, threads,
                                 max_sessions=max(4, onnx_trunk.MAX_SESSIONS // self.workers))
         loader = DataLoader(ImageFiles(paths, self.resolution, digest, forward), batch_size=None,
-                            num_workers=self.workers, collate_fn=_keep_item,
+                            num_workers=self.workers, collate_fn=as_item,
                             prefetch_factor=max(4, self.batch_size // self.workers))
         items: list[DecodedImage] = []
         for item in loader:

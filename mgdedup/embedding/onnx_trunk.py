@@ -1,7 +1,7 @@
 """ONNX Runtime forward path for the EfficientNet-Lite0 trunk on CPU (issue 5).
 
 Why: on this kind of machine the same network runs 2-3x faster in ONNX Runtime than in PyTorch
-eager (DESIGN.md, "Performance facts"), and the forward pass is most of the indexing time.
+eager (BENCHMARKS.md, embedding throughput), and the forward pass is most of the indexing time.
 
 Export strategy. TF "same" padding makes every stride-2 conv's padding depend on the parity of
 its input size (see `mgdedup.model.trunks.efficientnet_lite`): an ONNX Conv takes its pads as static
@@ -26,10 +26,7 @@ and <1 % of the time.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any

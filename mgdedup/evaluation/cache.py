@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mgdedup.embedding.batching import as_list
 from mgdedup.embedding.embedder import Embedder, default_workers
 from mgdedup.errors import MgdedupError
+from mgdedup.files.user_dirs import cache_dir
 from mgdedup.imaging.augment import augmented_copy
 from mgdedup.imaging.reading import ImageReadError, open_rgb
 from mgdedup.imaging.transforms import resize_for_resolution, to_tensor
-from mgdedup.files.user_dirs import cache_dir
 from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
 from mgdedup.model.multigrain import MultiGrainModel
@@ -96,10 +97,6 @@ class _Derived(Dataset):
             return position, None, str(error)
         except OSError as error:
             return position, None, f"cannot read file: {error.strerror}"
-
-
-def _collate(items: list) -> list:
-    return items
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -252,7 +249,7 @@ class EmbeddingCache:
         if derived:
             loader = DataLoader(_Derived([items[p] for p in derived], self.resolution),
                                 batch_size=self.batch_size, num_workers=self.workers,
-                                collate_fn=_collate, prefetch_factor=2 if self.workers else None)
+                                collate_fn=as_list, prefetch_factor=2 if self.workers else None)
             for batch in loader:
                 good = [(i, t) for i, t, _ in batch if t is not None]
                 for i, _, reason in batch:

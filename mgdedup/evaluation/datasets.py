@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mgdedup.errors import MgdedupError
+from mgdedup.errors import MgdedupError, first_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
@@ -270,7 +270,7 @@ def load_pairs(ground_truth: Path | str, root: Path | str) -> PairsSet:
     try:
         data = json.loads(ground_truth.read_text())
     except (ValueError, UnicodeDecodeError) as error:
-        raise MgdedupError(f"{ground_truth} is not JSON ({str(error).splitlines()[0]}); "
+        raise MgdedupError(f"{ground_truth} is not JSON ({first_line(error)}); "
                            f"expected {expected}") from None
     groups = data.get("groups") if isinstance(data, dict) else None
     if not isinstance(groups, list) or not groups or not all(

@@ -68,7 +68,8 @@ def copy_seed(seed: int, rel: str, j: int) -> int:
 
 @dataclass
 class InaugSet:
-    """k source images x COPIES copies; row r of the set is copy r % COPIES of source r // COPIES."""
+    """k source images x COPIES copies; row r of the set is copy r % COPIES of source
+    r // COPIES."""
 
     root: Path
     sources: list[Path]  # absolute, in set order

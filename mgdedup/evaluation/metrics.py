@@ -157,6 +157,17 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
     return float((_rank_of(logits, labels) < k).mean())
 
 
+def _scored_pairs(scores: np.ndarray, is_positive: np.ndarray, n_positives: int | None
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Flat float64 scores, flat bool labels of the same length, and the positive count
+    (`n_positives`, default the labelled ones)."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    is_positive = np.asarray(is_positive, dtype=bool).ravel()
+    if len(scores) != len(is_positive):
+        raise ValueError(f"{len(scores)} scores for {len(is_positive)} labels")
+    return scores, is_positive, int(is_positive.sum()) if n_positives is None else int(n_positives)
+
+
 def micro_ap(scores: np.ndarray, is_positive: np.ndarray, n_positives: int | None = None
              ) -> float:
     """Micro average precision over a global list of (query, result) pairs (DISC2021 style).
@@ -166,11 +177,7 @@ def micro_ap(scores: np.ndarray, is_positive: np.ndarray, n_positives: int | Non
     n_positives = number of ground-truth positive pairs, default the positives in the list;
     pass the true count so that positives the system never returned count as precision 0.
     """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    is_positive = np.asarray(is_positive, dtype=bool).ravel()
-    if len(scores) != len(is_positive):
-        raise ValueError(f"{len(scores)} scores for {len(is_positive)} labels")
-    total = int(is_positive.sum()) if n_positives is None else int(n_positives)
+    scores, is_positive, total = _scored_pairs(scores, is_positive, n_positives)
     order = np.argsort(-scores, kind="stable")
     return float(_ap_rows(is_positive[order][None, :], np.array([total]))[0])
 
@@ -182,11 +189,7 @@ def precision_recall_at(scores: np.ndarray, is_positive: np.ndarray, threshold: 
     precision = TP / flagged (1.0 when nothing is flagged: no false alarm);
     recall = TP / n_positives (default: the positives in the list; 0.0 when there are none).
     """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    is_positive = np.asarray(is_positive, dtype=bool).ravel()
-    if len(scores) != len(is_positive):
-        raise ValueError(f"{len(scores)} scores for {len(is_positive)} labels")
-    total = int(is_positive.sum()) if n_positives is None else int(n_positives)
+    scores, is_positive, total = _scored_pairs(scores, is_positive, n_positives)
     flagged = scores >= threshold
     true_positives = int((flagged & is_positive).sum())
     if true_positives > total:
@@ -201,11 +204,7 @@ def threshold_at_precision(scores: np.ndarray, is_positive: np.ndarray, target: 
     """(threshold, recall there): the lowest score at which the pairs ranked so far (by score,
     ties in list order) are still at least `target` precise, taken at a positive pair; (None,
     0.0) when no positive reaches it. Recall counts `n_positives` (default: the list's)."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    is_positive = np.asarray(is_positive, dtype=bool).ravel()
-    if len(scores) != len(is_positive):
-        raise ValueError(f"{len(scores)} scores for {len(is_positive)} labels")
-    total = int(is_positive.sum()) if n_positives is None else int(n_positives)
+    scores, is_positive, total = _scored_pairs(scores, is_positive, n_positives)
     order = np.argsort(-scores, kind="stable")
     hits = is_positive[order]
     true_positives = np.cumsum(hits)

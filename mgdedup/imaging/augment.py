@@ -1,4 +1,4 @@
-"""The paper's "full" data augmentation (MULTIGRAIN.md section 2), in one place.
+"""The paper's "full" data augmentation (docs/multigrain.md, section 2), in one place.
 
 Training draws it for every repeated-augmentation copy; the IN-aug surrogate and the
 calibration of thresholds use the very same transformation to make "copies" of an image, so

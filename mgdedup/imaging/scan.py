@@ -1,4 +1,4 @@
-"""Finding the images below some folders, and hashing file contents.
+"""Finding the images below some folders.
 
 Images are recognised by content, not by name: a photo saved as `.dat` is indexed, a text file
 named `.jpg` is reported. Directory symlinks are not followed (no loops, no file counted twice
@@ -9,7 +9,6 @@ entries come back as (path, reason) for the index's error list.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,7 +34,6 @@ RAW_EXTENSIONS = frozenset({
 """Camera raw files built on TIFF: their content sniffs as TIFF, but Pillow would only see a
 thumbnail or fail, so they are left alone rather than matched against their own JPEGs."""
 
-DIGEST_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -176,20 +174,6 @@ def _examine(root: Path, path: str, problems: list[tuple[Path, str]],
         return None
     return ScannedFile(root=root, path=Path(path), rel=rel, size=stat.st_size,
                        mtime_ns=stat.st_mtime_ns)
-
-
-def file_digest(path: str | Path) -> str:
-    """blake2b-128 hex of the whole content, streamed: identical files, whatever their names."""
-    digest = hashlib.blake2b(digest_size=16)
-    buffer = bytearray(DIGEST_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as fp:
-        while True:
-            count = fp.readinto(buffer)
-            if not count:
-                break
-            digest.update(view[:count])
-    return digest.hexdigest()
 
 
 def _dangling_reason(link: Path) -> str:

@@ -45,7 +45,8 @@ def textured_field(rng: np.random.Generator, size: tuple[int, int] = (640, 480))
     """Multi-octave noise through a random palette (plain, banded, posterised or modulated)."""
     width, height = size
     style = int(rng.integers(0, 4))
-    field = fractal_noise(rng, height, width, int(rng.integers(3, 8)), float(rng.uniform(0.35, 0.8)))
+    field = fractal_noise(rng, height, width, int(rng.integers(3, 8)),
+                          float(rng.uniform(0.35, 0.8)))
     stops_count = int(rng.integers(2, 6))
     stops = np.sort(rng.random(stops_count))
     stops[0], stops[-1] = 0.0, 1.0
@@ -58,7 +59,8 @@ def textured_field(rng: np.random.Generator, size: tuple[int, int] = (640, 480))
     if style == 3:
         yy, xx = np.mgrid[0:height, 0:width]
         frequency, angle = rng.uniform(0.01, 0.2), rng.uniform(0, np.pi)
-        pixels *= (0.6 + 0.4 * np.sin(frequency * (xx * np.cos(angle) + yy * np.sin(angle))))[..., None]
+        wave = np.sin(frequency * (xx * np.cos(angle) + yy * np.sin(angle)))
+        pixels *= (0.6 + 0.4 * wave)[..., None]
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(0, 8))):
@@ -85,7 +87,8 @@ def shape_composition(rng: np.random.Generator, size: tuple[int, int] = (640, 48
     for _ in range(int(rng.integers(6, 14))):
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         x0, y0 = int(rng.integers(-width // 4, width)), int(rng.integers(-height // 4, height))
-        w, h = int(rng.integers(width // 12, width // 2)), int(rng.integers(height // 12, height // 2))
+        w = int(rng.integers(width // 12, width // 2))
+        h = int(rng.integers(height // 12, height // 2))
         kind = rng.integers(0, 4)
         if kind == 0:
             draw.ellipse((x0, y0, x0 + w, y0 + h), fill=colour)

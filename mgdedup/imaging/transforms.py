@@ -1,4 +1,4 @@
-"""Test-time preprocessing for a resolution s* (MULTIGRAIN.md section 4).
+"""Test-time preprocessing for a resolution s* (docs/multigrain.md, section 4).
 
 s* <= 224: shorter side to round(s* * 256 / 224) (256 for 224), centre crop s* x s*, as the
 torchvision `Resize` + `CenterCrop` evaluation the paper used (same size and crop arithmetic).

@@ -1,47 +1,7 @@
 """The on-disk index rows: ``IDX/embeddings.h5``, the source of truth of an index directory.
 
-Format (public; ``format_version`` 1)
--------------------------------------
-An HDF5 file. Root attributes:
-
-==================  =========  ==========================================================
-``format``          str        always ``"mgdedup-index"``
-``format_version``  int        ``1``; readers refuse versions they do not know
-``model_id``        str        fingerprint of the weights (trunk + classifier)
-``model_name``      str        human-readable model name
-``resolution``      int        test resolution the images were embedded at
-``p``               float      GeM exponent used at that resolution
-``whitening_id``    str        fingerprint of the whitening, ``""`` if none
-``dim``             int        descriptor dimension D
-``roots``           str        JSON list of absolute root folders (row ``root`` indexes it)
-``threshold``       float      optional: the model's measured default duplicate threshold
-``factory``         str        optional: FAISS factory string chosen with ``index --factory``
-                               (absent: chosen automatically from the row count)
-``shard``           str        optional: ``"K/N"`` when the index holds only shard K of N of
-                               its folders (``index --shard``); absent for a whole index
-``updated``         str        ISO 8601 UTC time of the last write
-==================  =========  ==========================================================
-
-Datasets, one row per image, all of length N, chunked, resizable (``maxshape`` None) and
-uncompressed (see "Why no compression" below):
-
-==============  ===================  ========================================================
-``paths``       vlen UTF-8 str (N,)  path relative to its root, ``/``-separated
-``root``        int32 (N,)           index into ``roots``
-``size``        int64 (N,)           file size in bytes
-``mtime_ns``    int64 (N,)           file modification time, ns since the epoch
-``digest``      ASCII S32 (N,)       blake2b-128 hex digest of the file bytes
-``width``       int32 (N,)           pixels after EXIF orientation
-``height``      int32 (N,)           pixels after EXIF orientation
-``embeddings``  float32 (N, D)       L2-normalised descriptors: what search compares
-``gem_norm``    float32 (N,)         ||g|| of the raw GeM vector
-``white_norm``  float32 (N,)         norm of the whitened vector before its final L2
-                                     normalisation (1.0 without whitening)
-==============  ===================  ========================================================
-
-``gem_norm`` and ``white_norm`` let the folded classifier run on the stored descriptor, so
-``classify --index`` needs no image. Rows are appended in batches; if a writer died between
-columns, readers use the shortest column length and the next append repairs the others.
+The format is public and versioned: docs/index-format.md describes every attribute and
+column; this module is its only reader and writer (``FORMAT_VERSION`` below).
 
 Concurrency: why every operation opens and closes the file
 ----------------------------------------------------------
@@ -81,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from mgdedup.errors import MgdedupError
+from mgdedup.errors import MgdedupError, one_line
 from mgdedup.files.atomic import replacing
 
 if TYPE_CHECKING:
@@ -222,9 +182,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
 
 def _h5_open(path: Path, mode: str, lock_timeout: float) -> h5py.File:
     """Open with HDF5 locking, retrying while another process holds a conflicting lock."""
@@ -239,7 +196,7 @@ def _h5_open(path: Path, mode: str, lock_timeout: float) -> h5py.File:
             raise MgdedupError(f"index file not found: {path}") from exc
         except OSError as exc:
             if "already open" not in str(exc):  # same process, another thread: wait too
-                raise MgdedupError(f"index file is corrupt: {path} ({_one_line(exc)})") from exc
+                raise MgdedupError(f"index file is corrupt: {path} ({one_line(exc)})") from exc
         if time.monotonic() >= deadline:
             raise MgdedupError(f"index file {path} is locked by another process (an "
                                f"`mgdedup index` run?); try again when it finishes")
@@ -265,7 +222,7 @@ def _read_meta(f: h5py.File, path: Path) -> IndexMeta:
                          shard=str(attrs["shard"]) if "shard" in attrs else None)
     except (KeyError, ValueError, TypeError) as exc:
         raise MgdedupError(f"index file is corrupt: {path} (bad attribute: "
-                           f"{_one_line(exc)})") from exc
+                           f"{one_line(exc)})") from exc
     for name in DATASETS:
         if name not in f:
             raise MgdedupError(f"index file is corrupt: {path} (missing dataset {name!r})")
@@ -345,7 +302,7 @@ class IndexStore:
         except FileExistsError as exc:
             raise MgdedupError(f"index file already exists: {path}") from exc
         except OSError as exc:
-            raise MgdedupError(f"cannot create index file {path}: {_one_line(exc)}") from exc
+            raise MgdedupError(f"cannot create index file {path}: {one_line(exc)}") from exc
         log.info("created index %s (model %s, dim %d)", path, meta.model_name, meta.dim)
         return cls(path, "a", lock_timeout)
 
@@ -587,7 +544,7 @@ class IndexStore:
             yield f
         except OSError as exc:
             what = "is corrupt" if mode == "r" else "cannot be written"
-            raise MgdedupError(f"index file {what}: {self.path} ({_one_line(exc)})") from exc
+            raise MgdedupError(f"index file {what}: {self.path} ({one_line(exc)})") from exc
         finally:
             f.close()
 

@@ -14,13 +14,12 @@ Foreign checkpoints (torchvision ResNet-50, published MultiGrain) are converted 
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import torch
 
-from mgdedup.errors import MgdedupError
+from mgdedup.errors import MgdedupError, first_line
 from mgdedup.files.atomic import replacing
 from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
 from mgdedup.model.trunks import build_trunk
@@ -45,11 +44,10 @@ def load_untrusted(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling refused"
-        raise MgdedupError(f"refusing to load {path}: not a plain weights file ({reason[:160]})") from None
+        raise MgdedupError(f"refusing to load {path}: not a plain weights file "
+                           f"({first_line(error)})") from None
     except Exception as error:  # noqa: BLE001 - any failure means the file is unusable
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MgdedupError(f"cannot read model file {path}: {first_line[:160]}") from None
+        raise MgdedupError(f"cannot read model file {path}: {first_line(error)}") from None
 
 
 def model_to_dict(model: MultiGrainModel) -> dict:
@@ -92,9 +90,9 @@ def model_from_dict(data: dict, origin: str = "model file") -> MultiGrainModel:
         trunk = build_trunk(info.trunk)
         trunk.load_state_dict(data["state_dict"], strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MgdedupError(f"{origin} is malformed: {first_line[:160]}") from None
-    whitenings = {int(k): Whitening.from_dict(w) for k, w in dict(data.get("whitenings", {})).items()}
+        raise MgdedupError(f"{origin} is malformed: {first_line(error)}") from None
+    whitenings = {int(k): Whitening.from_dict(w)
+                  for k, w in dict(data.get("whitenings", {})).items()}
     return MultiGrainModel(trunk, info, whitenings).eval()
 
 
@@ -114,7 +112,7 @@ def load_model_file(path: Path) -> MultiGrainModel:
         trunk.load_state_dict(converted.trunk_state, strict=True)
     except RuntimeError as error:
         raise MgdedupError(f"{path}: weights do not fit {converted.trunk_name}: "
-                           f"{str(error).splitlines()[0][:160]}") from None
+                           f"{first_line(error)}") from None
     info = ModelInfo(name=path.stem, trunk=converted.trunk_name, training_p=converted.p,
                      class_names=imagenet_class_names(), source=converted.source)
     whitenings = {}

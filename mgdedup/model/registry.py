@@ -43,7 +43,7 @@ def weights_dirs() -> list[Path]:
     return dirs
 
 
-#: PCA whitenings of the default model, fitted on real photos (benchmarks/copy_detection.py)
+#: PCA whitenings of the default model, fitted on real photos (weights/README.md says how)
 DEFAULT_WHITENING_FILE = (Path(__file__).resolve().parents[1] / "assets"
                           / "efficientnet-lite0-whitening.pt")
 

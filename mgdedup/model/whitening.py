@@ -1,4 +1,5 @@
-"""PCA whitening of descriptors and the classifier folded through it (MULTIGRAIN.md section 3).
+"""PCA whitening of descriptors and the classifier folded through it (docs/multigrain.md,
+section 3).
 
 Fitted on l2n(g) of unlabelled images at one (s*, p*): Phi(x) = S (x - m) has identity
 covariance on the fitting set. The retrieval descriptor is l2n(Phi(l2n(g))). Folding: for the

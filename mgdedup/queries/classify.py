@@ -13,7 +13,6 @@ from mgdedup.embedding.embedder import Embedder
 from mgdedup.errors import MgdedupError
 from mgdedup.index.layout import IndexDir
 from mgdedup.index.model_check import model_for_index
-from mgdedup.index.store import IndexStore
 from mgdedup.model.multigrain import Descriptors, MultiGrainModel
 
 

@@ -11,7 +11,6 @@ from mgdedup.errors import MgdedupError
 from mgdedup.index.faiss_index import ensure_index, knn
 from mgdedup.index.layout import IndexDir
 from mgdedup.index.model_check import model_for_index
-from mgdedup.index.store import IndexStore
 
 
 @dataclass

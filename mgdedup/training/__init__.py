@@ -1,4 +1,4 @@
-"""MultiGrain training (MULTIGRAIN.md section 2).
+"""MultiGrain training (docs/multigrain.md, section 2).
 
 The math core is pure tensor code without I/O: the repeated-augmentation batch sampler
 (`sampler`), the distance-weighted margin loss (`margin_loss`) and the joint objective

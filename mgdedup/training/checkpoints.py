@@ -16,7 +16,6 @@ a plain Python value: the file loads with torch.load(weights_only=True) like any
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 

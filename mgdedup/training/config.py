@@ -1,6 +1,6 @@
 """Everything a training run depends on, in one dataclass that travels inside its checkpoint.
 
-Defaults are the paper's ResNet-50 recipe (MULTIGRAIN.md section 2): SGD momentum 0.9, weight
+Defaults are the paper's ResNet-50 recipe (docs/multigrain.md, section 2): SGD momentum 0.9, weight
 decay 1e-4, lr 0.2 x B / 512, 120 epochs with lr x 0.1 at 30/60/90, |B| = 512, m = 3 repeats,
 lam = 0.5, p = 3. Fine-tuning on unlabelled images (`images` set) uses gentler defaults for the
 fields left at None: a pretrained network needs a small learning rate and few epochs.
@@ -9,7 +9,7 @@ fields left at None: a pretrained network needs a small learning rate and few ep
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mgdedup.errors import MgdedupError
@@ -17,16 +17,15 @@ from mgdedup.errors import MgdedupError
 #: paper: lr 0.2 at |B| = 512, scaled linearly with the global batch size
 PAPER_LR_PER_512 = 0.2
 #: fine-tuning from --init (BatchNorm frozen): not scaled with the batch, because the limit is
-#: the curvature of the pretrained network, not gradient noise. Measured on EfficientNet-Lite0
-#: (unlabelled, lam 0.5, batch 12-24): 1e-3 diverges within 5 steps, 3e-4 lets the
-#: distillation term drift, 1e-4 improves copy retrieval and keeps the classifier.
+#: the curvature of the pretrained network, not gradient noise. On EfficientNet-Lite0 larger
+#: rates diverged or let the distillation term drift (BENCHMARKS.md, fine-tuning rounds).
 FINETUNE_LR = 1e-4
 PAPER_EPOCHS = 120
 PAPER_MILESTONES = (30, 60, 90)
-#: unlabelled fine-tuning: an epoch is ceil(2 N / B) iterations, as for ImageNet. On generated
-#: scenes (BENCHMARKS.md) the held-out gain peaks after ~60-80 iterations of 24 over 400 images
-#: (~2 epochs) and is lost again by ~160, while top-1 agreement keeps falling; the held-out
-#: selection (copy_validation) guards against stopping late, not against wasted time.
+#: unlabelled fine-tuning: an epoch is ceil(2 N / B) iterations, as for ImageNet. The held-out
+#: gain peaks after about two epochs and is lost again with more, while top-1 agreement keeps
+#: falling (BENCHMARKS.md); the held-out selection (copy_validation) guards against stopping
+#: late, not against wasted time.
 FINETUNE_EPOCHS = 2
 FINETUNE_MILESTONES: tuple[int, ...] = ()
 AUGMENTS = ("full", "autoaugment")
@@ -88,7 +87,6 @@ class TrainConfig:
     save_every: int = 0  # also checkpoint every N iterations (0: only at epoch ends)
     stop_after: int | None = None  # stop (with a checkpoint) after this global iteration
     log_every: int = 20
-    extra: dict = field(default_factory=dict)
 
     # --- derived values -------------------------------------------------------------------
     @property
@@ -106,9 +104,8 @@ class TrainConfig:
 
     @property
     def original_views(self) -> bool:
-        """Fine-tuning pulls copies towards the view `index` stores: on real photos that gave
-        +0.002-0.003 held-out whitened copy mAP over all-augmented groups in each of 2 paired
-        runs, +0.006 on generated scenes (BENCHMARKS.md, third round)."""
+        """Fine-tuning pulls copies towards the view `index` stores, which retrieved held-out
+        copies better than all-augmented groups (BENCHMARKS.md, third round of fine-tuning)."""
         if self.original_view is not None:
             return bool(self.original_view)
         return self.finetuning

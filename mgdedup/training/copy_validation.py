@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from mgdedup.imaging.reading import ImageReadError, open_rgb
 from mgdedup.embedding.batching import shape_groups
 from mgdedup.imaging.edits import make_copies
+from mgdedup.imaging.reading import ImageReadError, open_rgb
 from mgdedup.imaging.transforms import resize_for_resolution
 from mgdedup.model.whitening import fit_whitening
 from mgdedup.tuning.whiten import DEFAULT_FLOOR_RANK

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader
 
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import write_text
-from mgdedup.model.model_file import load_model_file, model_from_dict, save_model
 from mgdedup.model.batchnorm import fold_batchnorm
 from mgdedup.model.fingerprint import weights_fingerprint
+from mgdedup.model.model_file import load_model_file, model_from_dict, save_model
 from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
 from mgdedup.model.pooling import GeM
 from mgdedup.training.checkpoints import (
@@ -245,7 +245,6 @@ class Trainer:
             resumed = (data, training)
         config.validate()
         self.config = config
-        self.world = Dist()
         self.device = pick_device(config, int(os.environ.get("LOCAL_RANK", "0")))
         self.world = setup_distributed(self.device.type)
         if not self.world.main:  # rank 0 speaks for the group

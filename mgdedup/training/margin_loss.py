@@ -1,4 +1,5 @@
-"""Margin loss with distance-weighted negative sampling (Wu et al. 2017; MULTIGRAIN.md section 2).
+"""Margin loss with distance-weighted negative sampling (Wu et al. 2017; docs/multigrain.md,
+section 2).
 
 On L2-normalised embeddings with D the Euclidean distance, a positive pair (same instance)
 costs max(0, alpha + D - beta) and a negative pair max(0, alpha - (D - beta)); beta is one

@@ -1,4 +1,4 @@
-"""Repeated-augmentation (RA) batch sampler (paper section 3.3, MULTIGRAIN.md section 2).
+"""Repeated-augmentation (RA) batch sampler (paper section 3.3, docs/multigrain.md, section 2).
 
 A batch holds few distinct images, each repeated m times, so that the m augmented copies of
 one image are the positives of the margin loss. The dataset index doubles as the instance id.

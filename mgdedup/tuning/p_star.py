@@ -10,7 +10,7 @@ Whitening policy when p* changes: a whitening fitted at that exact resolution wi
 is dropped (descriptors would otherwise be whitened with statistics of another exponent, and
 its measured threshold would no longer hold). Refitting needs a few hundred unrelated images
 and a copy benchmark to recalibrate the threshold, which tune-p does not have; the caller
-prints what was dropped and how to refit (benchmarks/copy_detection.py --save-whitening).
+prints what was dropped and how to refit (`mgdedup whiten` on the written model).
 Note that the model then uses its nearest remaining whitening at that resolution
 (`MultiGrainModel.whitening_for`). A whitening "for any resolution" (converted published
 checkpoints) is kept, with a warning.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mgdedup.embedding.batching import shape_groups
+from mgdedup.embedding.batching import as_list, shape_groups
 from mgdedup.embedding.embedder import default_workers
 from mgdedup.errors import MgdedupError
 from mgdedup.evaluation.inaug import InaugSet, InaugTensors, inaug_metrics
@@ -64,10 +64,6 @@ class TuneResult:
         return {res: r.best for res, r in self.per_resolution.items()}
 
 
-def _collate(items: list) -> list:
-    return items
-
-
 class _SafeTensors(InaugTensors):
     """InaugTensors that yields None for a source that cannot be decoded."""
 
@@ -94,7 +90,7 @@ def gem_grid(model: MultiGrainModel, inaug: InaugSet, resolution: int, grid: Seq
     workers = default_workers() if workers is None else workers
     per_batch = max(1, batch_size // inaug.copies)
     loader = DataLoader(_SafeTensors(inaug, resolution), batch_size=per_batch,
-                        num_workers=workers, collate_fn=_collate,
+                        num_workers=workers, collate_fn=as_list,
                         prefetch_factor=2 if workers else None)
     for items in loader:
         rows, tensors = [], []
@@ -173,7 +169,8 @@ def with_p_star(model: MultiGrainModel, table: dict[int, float]
             del whitenings[int(resolution)]
             messages.append(f"s*={resolution}: dropped its whitening (fitted at p={fitted.p:g}, "
                             f"p* is now {p:g}); refit it at the new p* "
-                            "(benchmarks/copy_detection.py --save-whitening)")
+                            f"(mgdedup whiten FOLDER --model OUT --resolution {resolution} "
+                            "--out NEW)")
         elif ANY_RESOLUTION in whitenings and abs(whitenings[ANY_RESOLUTION].p - p) > 1e-9:
             messages.append(f"s*={resolution}: kept the all-resolution whitening fitted at "
                             f"p={whitenings[ANY_RESOLUTION].p:g} although p* is {p:g}")
