@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +55,14 @@ def _indexed(folder, originals: int, copies_per_edit: int, seed: int):
 def calibration_set(tmp_path_factory):
     """34 images (24 scenes, 10 planted copies): what calibration is run on."""
     return _indexed(tmp_path_factory.mktemp("cal") / "photos", 24, 2, seed=21)
+
+
+@pytest.fixture
+def own_index(calibration_set, tmp_path):
+    """A private copy of the calibration set's index folder (its rows still name the
+    module's images): tests that store calibrations never see each other's files."""
+    _, index_dir = calibration_set
+    return Path(shutil.copytree(index_dir, tmp_path / "index"))
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +168,8 @@ def _fake(index_dir, threshold: float, norm: ScoreNorm | None = None, rows: int 
     return calibration
 
 
-def test_dedup_precision_uses_the_stored_calibration(calibration_set, monkeypatch):
-    _, index_dir = calibration_set
+def test_dedup_precision_uses_the_stored_calibration(own_index, monkeypatch):
+    index_dir = own_index
     _fake(index_dir, 0.7777, ScoreNorm())  # --precision scores normalised by default
     _fake(index_dir, 0.8888)  # ... and --no-score-norm reads the cosine entry
     import mgdedup.duplicates.precision as module
@@ -189,9 +199,9 @@ def test_dedup_precision_uses_the_stored_calibration(calibration_set, monkeypatc
     assert "not reached" in result.stderr
 
 
-def test_stale_or_missing_calibration_is_recomputed(calibration_set, monkeypatch):
-    _, index_dir = calibration_set
-    IndexDir(index_dir).calibration.unlink(missing_ok=True)
+def test_stale_or_missing_calibration_is_recomputed(own_index, monkeypatch):
+    index_dir = own_index
+    assert not IndexDir(index_dir).calibration.exists()  # nothing left by other tests
     _fake(index_dir, 0.7, rows=1000)  # calibrated when the index had 1000 rows: stale
     with IndexStore.open(IndexDir(index_dir).embeddings) as store:
         assert load_calibration(index_dir, "cosine").stale_reason(store.meta, len(store))
@@ -224,8 +234,8 @@ def test_precision_with_threshold_is_a_one_line_usage_error(calibration_set):
     assert len(lines) == 1 and "not both" in lines[0]
 
 
-def test_calibrate_command_prints_and_stores_thresholds(calibration_set):
-    _, index_dir = calibration_set
+def test_calibrate_command_prints_and_stores_thresholds(own_index):
+    index_dir = own_index
     result = runner.invoke(app, ["calibrate", "--index", str(index_dir), "--sample", "6",
                                  "--aug-copies", "1", "--workers", "0", "--json",
                                  "-p", "0.9", "-p", "0.5"], catch_exceptions=False)

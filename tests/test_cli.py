@@ -17,15 +17,21 @@ from PIL import Image
 
 from mgdedup.embedding.embedder import Embedder
 from mgdedup.imaging.synthetic import random_scene
+from mgdedup.index.layout import remember_index
 
 
 @pytest.fixture(scope="module")
-def indexed(planted, tmp_path_factory):
-    """The planted collection indexed once at the default resolution."""
+def first_run(planted, tmp_path_factory):
+    """The planted collection indexed once at the default resolution: (folder, CLI result)."""
     folder = copy_tree(planted.folder, tmp_path_factory.mktemp("indexed") / "collection")
     result = run("index", folder, "--workers", "0")
     assert result.exit_code == 0, result.output
-    return folder
+    return folder, result
+
+
+@pytest.fixture(scope="module")
+def indexed(first_run):
+    return first_run[0]
 
 
 def _family(planted, folder: Path) -> dict[str, int]:
@@ -35,10 +41,15 @@ def _family(planted, folder: Path) -> dict[str, int]:
     return {str(folder.resolve()) + path[len(root):]: fam for path, fam in base.items()}
 
 
-def test_index_summary_line_and_files(indexed):
-    assert (indexed / ".mgdedup" / "embeddings.h5").is_file()
-    assert (indexed / ".mgdedup" / "faiss.index").is_file()
-    assert (indexed / ".mgdedup" / "errors.jsonl").read_text() == ""
+def test_index_summary_line_and_files(first_run, planted):
+    folder, result = first_run
+    images = len(planted.originals) + len(planted.copies)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{images} indexed, 0 skipped; 0 unchanged, 0 removed; {images} images in "
+        f"{(folder / '.mgdedup').resolve()}")
+    assert (folder / ".mgdedup" / "embeddings.h5").is_file()
+    assert (folder / ".mgdedup" / "faiss.index").is_file()
+    assert (folder / ".mgdedup" / "errors.jsonl").read_text() == ""
 
 
 def test_dedup_finds_planted_copies_without_mixing(indexed, planted):
@@ -76,16 +87,46 @@ def test_keeper_is_the_largest_version(indexed):
             assert np.prod(Image.open(member["path"]).size) <= keeper_pixels
 
 
-def test_csv_and_table_agree_with_json(indexed):
-    document = json.loads(run("dedup", "--index", indexed / ".mgdedup", "--format", "json").stdout)
-    rows = list(csv.DictReader(io.StringIO(run("dedup", "--index", indexed / ".mgdedup",
+def _stored_rows(index_dir: Path) -> dict[str, np.ndarray]:
+    """Absolute path -> stored descriptor, read with h5py directly (not through mgdedup)."""
+    import h5py
+
+    with h5py.File(index_dir / "embeddings.h5", "r") as f:
+        roots = json.loads(f.attrs["roots"])
+        paths = [str(Path(roots[r]) / rel) for r, rel in
+                 zip(f["root"][:], f["paths"].asstr()[:])]
+        return dict(zip(paths, f["embeddings"][:]))
+
+
+def test_reports_state_the_files_and_scores_as_they_are(indexed):
+    """JSON, CSV and the table against the files themselves and the stored descriptors."""
+    index = indexed / ".mgdedup"
+    document = json.loads(run("dedup", "--index", index, "--format", "json").stdout)
+    rows = list(csv.DictReader(io.StringIO(run("dedup", "--index", index,
                                                "--format", "csv").stdout)))
-    keepers = [r["path"] for r in rows if r["role"] == "keeper"]
-    assert keepers == [g["keeper"] for g in document["groups"]]
-    assert len(rows) == sum(1 + len(g["members"]) for g in document["groups"])
-    table = run("dedup", "--index", indexed / ".mgdedup").stdout
-    for group in document["groups"]:
-        assert Path(group["keeper"]).name in table
+    table = run("dedup", "--index", index).stdout
+    descriptors = _stored_rows(index)
+    assert document["groups"] and len(rows) == sum(1 + len(g["members"])
+                                                   for g in document["groups"])
+    by_path = {row["path"]: row for row in rows}
+    for number, group in enumerate(document["groups"], start=1):
+        keeper = group["keeper"]
+        for entry in group["files"]:
+            path = entry["path"]
+            with Image.open(path) as image:
+                assert (entry["width"], entry["height"]) == image.size
+            assert entry["bytes"] == Path(path).stat().st_size
+            row = by_path[path]
+            assert int(row["group"]) == number and int(row["bytes"]) == entry["bytes"]
+            assert (int(row["width"]), int(row["height"])) == (entry["width"], entry["height"])
+            assert path in table
+            if entry["role"] == "member":
+                cosine = float(descriptors[path] @ descriptors[keeper])
+                assert entry["score"] == pytest.approx(cosine, abs=1e-5)
+                assert float(row["score"]) == pytest.approx(cosine, abs=1e-5)
+                assert f"{cosine:.3f}" in table
+            else:
+                assert path == keeper and row["role"] == "keeper"
 
 
 def test_dedup_finds_index_from_current_directory_and_last_used(indexed, monkeypatch, tmp_path):
@@ -93,8 +134,12 @@ def test_dedup_finds_index_from_current_directory_and_last_used(indexed, monkeyp
     here = run("dedup", "--format", "json")
     assert here.exit_code == 0 and str(indexed.resolve()) in here.stderr
     monkeypatch.chdir(tmp_path)  # no index here: the last written one is used
+    assert "no index found" in run("dedup", "--format", "json").stderr  # none remembered yet
+    remember_index(indexed / ".mgdedup")  # what `index` does after writing it
     remembered = run("dedup", "--format", "json")
-    assert remembered.exit_code == 0 or "no index found" in remembered.stderr
+    assert remembered.exit_code == 0, remembered.output
+    assert f"index: {(indexed / '.mgdedup').resolve()}" in remembered.stderr
+    assert json.loads(remembered.stdout) == json.loads(here.stdout)
 
 
 def test_search_returns_the_original_first(indexed, planted):

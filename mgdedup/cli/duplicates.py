@@ -36,6 +36,7 @@ from mgdedup.duplicates.precision import (
     DEFAULT_TARGETS,
 )
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import check_writable
 from mgdedup.imaging.edits import MAX_AUG_COPIES
 
 if TYPE_CHECKING:
@@ -92,6 +93,8 @@ def dedup(
         raise MgdedupError("give --threshold or --precision, not both")
     if output_format is Format.html and out is None and action is None:
         raise MgdedupError("--format html needs --out FILE (a self-contained page)")
+    if out is not None and action is None:
+        check_writable(out.expanduser(), "report")
     where = find_index(index_dir)
     norm = default_score_norm(precision is not None) if score_norm is None else \
         (ScoreNorm() if score_norm else None)

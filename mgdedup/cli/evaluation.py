@@ -27,6 +27,7 @@ from mgdedup.cli.shell import (
     user_errors,
 )
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import check_writable
 
 eval_app = typer.Typer(
     no_args_is_help=True,
@@ -234,6 +235,7 @@ def tune_p(
     if out.exists():
         raise MgdedupError(f"{out} already exists; choose another --out (it is never "
                            "overwritten)")
+    check_writable(out, "model file")
     loaded = load_model(model)
     inaug = build_inaug(images, DEFAULT_K if k is None else k, seed, layout=layout,
                         per_class=per_class, exclude=tuple(exclude or ()))

@@ -17,6 +17,7 @@ from mgdedup.cli.shell import (
     user_errors,
 )
 from mgdedup.errors import MgdedupError
+from mgdedup.files.atomic import check_writable
 
 
 @app.command()
@@ -46,6 +47,7 @@ def whiten(
     out = out.expanduser()
     if out.exists():
         raise MgdedupError(f"{out} exists; choose another --out (never overwritten)")
+    check_writable(out, "model file")
     with progress_bar("embedding") as progress:
         task = progress.add_task("embedding", total=None)
         whitened, report = whiten_model(

@@ -61,7 +61,7 @@ def replacing(path: str | os.PathLike[str], what: str = "file") -> Iterator[Path
     one-line MgdedupError naming `what` and the target; other errors propagate unchanged.
     Either way the temporary file is gone and the target is as before.
     """
-    target = Path(path)
+    target = check_writable(path, what)
     tmp = temporary_sibling(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +88,24 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, what: str = "file") -
 def write_text(path: str | os.PathLike[str], text: str, what: str = "file") -> None:
     """Replace `path` with UTF-8 `text` atomically, with "\\n" line endings."""
     write_bytes(path, text.encode("utf-8"), what)
+
+
+def check_writable(path: str | os.PathLike[str], what: str = "file") -> Path:
+    """Fail early, with one line, when `path` cannot be written as a file: it is a folder, or
+    its nearest existing ancestor is not a folder or not writable. Commands call this before
+    doing any work, so a typo in ``--out`` costs nothing. Returns the path."""
+    target = Path(path)
+    if target.is_dir():
+        raise MgdedupError(f"cannot write {what} {target}: it is a folder")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MgdedupError(f"cannot write {what} {target}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MgdedupError(f"cannot write {what} {target}: no permission to write in "
+                           f"{ancestor}")
+    return target
 
 
 def describe_os_error(error: OSError) -> str:
