@@ -13,15 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgdedup.duplicates.actions import (
-    SKIP,
-    Action,
-    apply_plan,
-    describe_plan,
-    latest_manifest,
-    plan_actions,
-    undo,
-)
+from mgdedup.duplicates.actions.apply import apply_plan
+from mgdedup.duplicates.actions.kinds import SKIP, Action
+from mgdedup.duplicates.actions.manifest import read_manifest
+from mgdedup.duplicates.actions.plan import describe_plan, plan_actions
+from mgdedup.duplicates.actions.undo import latest_manifest, undo
 from mgdedup.duplicates.find import DedupResult, find_duplicates
 from mgdedup.errors import MgdedupError
 from mgdedup.files.digest import file_digest
@@ -124,10 +120,16 @@ def test_move_keeps_structure_and_keepers(lib, tmp_path):
         assert not step.source.exists() and file_digest(step.destination) == step.digest
         assert step.destination.stat().st_mtime_ns == step.mtime_ns
     assert {p: file_digest(p) for p in keepers} == keepers
-    lines = report.manifest.read_text().splitlines()
-    assert len(lines) == len(steps)
-    assert set(json.loads(lines[0])) == {"op", "source", "stored", "link", "keeper", "digest",
-                                         "size", "mtime_ns", "time"}
+    lines = [json.loads(line) for line in report.manifest.read_text().splitlines()]
+    assert lines[0]["manifest"] == "mgdedup-actions" and lines[0]["version"] == 2
+    assert lines[0]["roots"] == [str(root.resolve())]
+    # per step: its intent (every path it will create) before it starts, then its outcome
+    assert [(line["step"], line["state"]) for line in lines[1:]] == \
+        [(n, state) for n in range(len(steps)) for state in ("intent", "done")]
+    intent = lines[1]
+    assert set(intent) == {"step", "state", "op", "source", "stored", "link", "tmp_link",
+                           "keeper", "digest", "size", "mtime_ns", "time"}
+    assert intent["stored"] == str(steps[0].destination) and intent["op"] == "move"
 
 
 def test_move_options_are_checked(lib, tmp_path):
@@ -260,7 +262,7 @@ def test_undo_restores_everything(lib, tmp_path, action):
     assert snapshot(root) == before  # same bytes, mtimes and even inodes (renames)
     again = undo(latest_manifest(index_dir))
     assert (again.restored, again.already_undone) == (0, len(steps))
-    assert any("already undone" in m for m in again.messages)
+    assert again.nothing_left and any("nothing left to undo" in m for m in again.messages)
     assert snapshot(root) == before
 
 
@@ -315,8 +317,9 @@ def test_permanent_delete_is_not_undoable(lib):
     assert all("PERMANENTLY" in line for line in describe_plan(steps))
     report = apply_plan(steps, index_dir)
     assert report.done == len(steps) and not any(s.source.exists() for s in steps)
-    entries = [json.loads(x) for x in report.manifest.read_text().splitlines()]
-    assert all(e["stored"] is None for e in entries)
+    recorded = read_manifest(report.manifest)
+    assert len(recorded.steps) == len(steps) and not recorded.problems
+    assert all(s.stored is None and s.state == "done" for s in recorded.steps)
     undone = undo(report.manifest)
     assert undone.not_undoable == len(steps) and undone.restored == 0
 

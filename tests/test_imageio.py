@@ -384,7 +384,7 @@ def test_missing_and_unreadable_files(tmp_path, monkeypatch):
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(reading, "open", denied, raising=False)
+    monkeypatch.setattr(reading, "open_regular", denied)
     with pytest.raises(ImageReadError, match=r"^permission denied$"):
         open_rgb(tmp_path / "any.jpg")
 

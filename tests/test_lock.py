@@ -57,7 +57,7 @@ def test_second_writer_fails_fast_with_one_line(folder, tmp_path):
         assert "Traceback" not in result.output
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, result.stderr
-        assert f"another mgdedup index is writing {idx.resolve()}" in lines[0]
+        assert f"another mgdedup process (mgdedup index) is writing {idx.resolve()}" in lines[0]
         assert f"pid {os.getpid()} on {socket.gethostname()} since {holder['started']}" \
             in lines[0]
         assert lock.path.exists()  # the refused run leaves the holder's lock alone
@@ -108,7 +108,7 @@ def test_garbage_lock_is_refused_while_fresh_and_taken_over_when_old(folder, tmp
     idx.mkdir()
     lock_file = idx / "lock"
     lock_file.write_bytes(content)
-    with pytest.raises(MgdedupError, match="another mgdedup index is writing .*unreadable"):
+    with pytest.raises(MgdedupError, match="another mgdedup process .*is writing .*unreadable"):
         IndexLock(idx).acquire()
     assert lock_file.read_bytes() == content
     old = time.time() - GARBAGE_GRACE_S - 5

@@ -106,13 +106,13 @@ def test_overlapping_roots_list_each_file_once(tree):
 
 
 def test_unreadable_entries_are_reported_not_raised(tree, monkeypatch):
-    real_open = open
+    real_read_head = scan_module.read_head
 
     def guarded(path, *args, **kwargs):
         if Path(path).name == "b.jpg":
             raise PermissionError(13, "Permission denied")
-        return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(scan_module, "open", guarded, raising=False)
+        return real_read_head(path, *args, **kwargs)
+    monkeypatch.setattr(scan_module, "read_head", guarded)
     real_scandir = os.scandir
 
     def listing(path):

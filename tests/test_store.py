@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import os
 from pathlib import Path
 
 import h5py
@@ -83,7 +84,8 @@ def test_round_trip_every_column(h5: Path) -> None:
         assert back.paths == batch.paths[5:9]
     with h5py.File(h5, "r") as f:  # the public format, read without mgdedup
         assert f.attrs["format"] == "mgdedup-index"
-        assert f.attrs["format_version"] == 1
+        assert f.attrs["format_version"] == 2
+        assert f.attrs["rows"] == len(batch)  # committed rows: written after the data
         assert f["embeddings"].compression is None
         assert f["embeddings"].maxshape == (None, DIM)
         assert f["digest"].dtype == np.dtype("S32")
@@ -174,8 +176,8 @@ def test_open_foreign_or_future_hdf5(tmp_path: Path, h5: Path) -> None:
         IndexStore.open(other)
     IndexStore.create(h5, make_meta())
     with h5py.File(h5, "a") as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(MgdedupError, match="format version 2"):
+        f.attrs["format_version"] = 3
+    with pytest.raises(MgdedupError, match="format version 3"):
         IndexStore.open(h5)
 
 
@@ -253,3 +255,47 @@ def test_set_roots(h5: Path) -> None:
     assert IndexStore.open(h5).meta.roots == ["/a", "/b"]
     with pytest.raises(ValueError):
         store.set_roots(["relative/path"])
+
+
+def test_rows_written_but_not_committed_are_never_seen(h5: Path) -> None:
+    """A writer killed (or stopped by a full disk) between writing a batch's columns and
+    committing it: readers see the committed rows only, and the next append overwrites the
+    rest."""
+    first, second = make_batch(10), make_batch(5, 10)
+    IndexStore.create(h5, make_meta()).append(first)
+    with h5py.File(h5, "a") as f:  # what the killed writer left: rows 10-14 resized, zeros
+        for name in f:
+            shape = list(f[name].shape)
+            shape[0] = 15
+            f[name].resize(tuple(shape))
+    store = IndexStore.open(h5, "a")
+    assert len(store) == 10 and store.read("paths").tolist() == first.paths
+    store.append(second)
+    again = IndexStore.open(h5)
+    assert len(again) == 15
+    np.testing.assert_array_equal(again.embeddings(10, 15), second.embeddings)
+    assert again.read("paths").tolist() == first.paths + second.paths
+
+
+def test_version_1_index_is_read_and_upgraded_when_written(h5: Path) -> None:
+    batch = make_batch(6)
+    IndexStore.create(h5, make_meta()).append(batch)
+    with h5py.File(h5, "a") as f:  # as mgdedup wrote it before committed row counts
+        f.attrs["format_version"] = 1
+        del f.attrs["rows"]
+    old = IndexStore.open(h5)
+    assert len(old) == 6 and old.read("paths").tolist() == batch.paths
+    IndexStore.open(h5, "a").append(make_batch(2, 6))
+    with h5py.File(h5, "r") as f:
+        assert f.attrs["format_version"] == 2 and f.attrs["rows"] == 8
+
+
+def test_undecodable_names_are_stored_losslessly(h5: Path) -> None:
+    batch = make_batch(3)
+    batch.paths[1] = "bad\udcff/\udce9t\udce9.jpg"  # os.fsdecode of latin-1 bytes
+    IndexStore.create(h5, make_meta()).append(batch)
+    store = IndexStore.open(h5)
+    assert store.read("paths").tolist() == batch.paths
+    assert os.fsencode(store.read("paths")[1]) == b"bad\xff/\xe9t\xe9.jpg"
+    with h5py.File(h5, "r") as f:  # the bytes themselves, as the file system names them
+        assert f["paths"][1] == b"bad\xff/\xe9t\xe9.jpg"

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mgdedup.cli.shell import DEFAULT_RESOLUTION, app, err, user_errors
+from mgdedup.cli.shell import DEFAULT_RESOLUTION, app, say, user_errors
 
 
 @app.command()
@@ -34,8 +34,8 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="mgdedup-demo-") as tmp:
         target = (folder.expanduser() if folder is not None else Path(tmp)).resolve()
         collection = make_collection(target, originals=10, copies_per_edit=1, seed=7)
-        err.print(f"generated {len(collection.originals)} images and "
-                  f"{len(collection.copies)} edited copies in {target}", highlight=False)
+        say(f"generated {len(collection.originals)} images and "
+                  f"{len(collection.copies)} edited copies in {target}")
         summary = update_index([target], target / INDEX_DIRNAME, load_model(DEFAULT_MODEL),
                                DEFAULT_MODEL, resolution, workers=0)
         result = find_duplicates(summary.index_dir, threshold)
@@ -45,6 +45,5 @@ def demo(
         planted = [frozenset((str(o.resolve()), str(c.resolve())))
                    for o, c, _ in collection.copies]
         hits = sum(pair in found for pair in planted)
-        err.print(f"found {hits} of {len(planted)} planted copies at threshold "
-                  f"{result.threshold:g}",
-                  highlight=False)
+        say(f"found {hits} of {len(planted)} planted copies at threshold "
+                  f"{result.threshold:g}")

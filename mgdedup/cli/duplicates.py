@@ -23,11 +23,11 @@ from mgdedup.cli.shell import (
     ModelOption,
     WorkersOption,
     app,
-    err,
     progress_bar,
+    say,
     user_errors,
 )
-from mgdedup.duplicates.action_kinds import Action
+from mgdedup.duplicates.actions.kinds import SKIP, Action
 from mgdedup.duplicates.precision import (
     DEFAULT_AUG_COPIES,
     DEFAULT_COPY_RATE,
@@ -37,6 +37,7 @@ from mgdedup.duplicates.precision import (
 )
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import check_writable
+from mgdedup.files.names import printable
 from mgdedup.imaging.edits import MAX_AUG_COPIES
 
 if TYPE_CHECKING:
@@ -102,8 +103,8 @@ def dedup(
         task = progress.add_task("calibrating", total=None, visible=False)
 
         def calibrating(reason: str) -> None:
-            err.print(f"calibrating the threshold for this collection ({reason}; stored in "
-                      f"{where} for next time)", highlight=False, soft_wrap=True)
+            say(f"calibrating the threshold for this collection ({reason}; stored in "
+                      f"{where} for next time)")
             progress.update(task, visible=True)
 
         result = find_duplicates(
@@ -113,12 +114,12 @@ def dedup(
     if action is not None:
         _act(where, result, action, to, apply, permanent)
         return
-    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    say(f"index: {where}")
     if output_format is Format.html:
         from mgdedup.duplicates.report_html import write_html
 
         write_html(result, out.expanduser())
-        err.print(f"wrote {out} ({len(result.groups)} groups)", highlight=False)
+        say(f"wrote {out} ({len(result.groups)} groups)")
     elif output_format is Format.table and out is None:
         print_groups_table(result.groups, result.facts, Console())
     else:
@@ -137,10 +138,9 @@ def dedup(
             print_groups_table(result.groups, result.facts, buffer)
             text = buffer.export_text()
         _write_output(text, out)
-    err.print(f"{len(result.groups)} groups, {result.duplicate_count} duplicates, "
+    say(f"{len(result.groups)} groups, {result.duplicate_count} duplicates, "
               f"{result.reclaimable_bytes / 1e6:.1f} MB reclaimable at threshold "
-              f"{result.threshold:g} ({_threshold_origin(result)})",
-              highlight=False)
+              f"{result.threshold:g} ({_threshold_origin(result)})")
 
 
 def _threshold_origin(result: DedupResult) -> str:
@@ -158,23 +158,23 @@ def _threshold_origin(result: DedupResult) -> str:
 def _act(where: Path, result: DedupResult, action: Action, to: Path | None, apply: bool,
          permanent: bool) -> None:
     """Dry run (the plan on stdout) or apply and say how to undo."""
-    from mgdedup.duplicates.actions import apply_plan, describe_plan, plan_actions
+    from mgdedup.duplicates.actions.apply import apply_plan
+    from mgdedup.duplicates.actions.plan import describe_plan, plan_actions
 
     steps = plan_actions(where, result, action,
                          to.expanduser() if to is not None else None, permanent)
-    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    say(f"index: {where}")
     if not apply:
         for line in describe_plan(steps):
-            typer.echo(line)
-        err.print(f"dry run: nothing changed; add --apply to {action.value} "
-                  f"{sum(s.kind != 'skip' for s in steps)} files", highlight=False)
+            typer.echo(printable(line))
+        say(f"dry run: nothing changed; add --apply to {action.value} "
+                  f"{sum(s.kind != SKIP for s in steps)} files")
         return
     report = apply_plan(steps, where)
     for message in report.messages:
-        err.print(message, highlight=False, soft_wrap=True)
-    err.print(f"{report.done} done, {report.skipped} skipped, {report.failed} failed"
-              + (f"; undo with: mgdedup undo {report.manifest}" if report.manifest else ""),
-              highlight=False, soft_wrap=True)
+        say(message)
+    say(f"{report.done} done, {report.skipped} skipped, {report.failed} failed"
+              + (f"; undo with: mgdedup undo {report.manifest}" if report.manifest else ""))
     if report.failed:
         raise typer.Exit(1)
 
@@ -190,18 +190,18 @@ def undo(
 
     Example: mgdedup undo
     """
-    from mgdedup.duplicates.actions import latest_manifest
-    from mgdedup.duplicates.actions import undo as undo_manifest
+    from mgdedup.duplicates.actions.undo import latest_manifest
+    from mgdedup.duplicates.actions.undo import undo as undo_manifest
     from mgdedup.index.layout import find_index
 
     if manifest is None:
         manifest = latest_manifest(find_index(index_dir))
     report = undo_manifest(manifest.expanduser())
     for message in report.messages:
-        err.print(message, highlight=False, soft_wrap=True)
-    err.print(f"{report.restored} restored, {report.skipped} skipped, {report.failed} failed, "
-              f"{report.not_undoable} not undoable ({manifest})", highlight=False,
-              soft_wrap=True)
+        say(message)
+    say(f"{report.restored} restored, {report.already_undone} already in place, "
+              f"{report.skipped} skipped, {report.failed} failed, {report.not_undoable} not "
+              f"undoable ({manifest})")
     if not report.complete:
         raise typer.Exit(1)
 
@@ -213,7 +213,7 @@ def _write_output(text: str, out: Path | None) -> None:
     from mgdedup.files.atomic import write_text
 
     write_text(out.expanduser(), text, "report")
-    err.print(f"wrote {out}", highlight=False)
+    say(f"wrote {out}")
 
 
 
@@ -249,8 +249,7 @@ def mark(
     decisions = load_decisions(where)
     decisions.mark(verdict.value, *pair)
     save_decisions(where, decisions)
-    err.print(f"marked {verdict.value}: {pair[0]} and {pair[1]} (in {where})", highlight=False,
-              soft_wrap=True)
+    say(f"marked {verdict.value}: {pair[0]} and {pair[1]} (in {where})")
 
 
 
@@ -301,7 +300,7 @@ def calibrate(
             raise MgdedupError(f"--target-precision must be between 0 and 1 (exclusive), "
                                f"got {target:g}")
     where = find_index(index_dir)
-    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    say(f"index: {where}")
     with progress_bar("copies") as progress:
         task = progress.add_task("embedding copies", total=None)
         calibration = calibrate_index(
@@ -312,7 +311,7 @@ def calibrate(
             on_progress=lambda count: progress.advance(task, count))
     path = save_calibration(where, calibration)
     for skipped_path, reason in calibration.skipped:
-        err.print(f"skipped {skipped_path}: {reason}", highlight=False, soft_wrap=True)
+        say(f"skipped {skipped_path}: {reason}")
     rows = []
     for target in targets:
         found = calibration.threshold_for(target)
@@ -337,8 +336,7 @@ def calibrate(
                 table.add_row(f"{row['target_precision']:g}", f"{row['threshold']:.4f}",
                               f"{row['estimated_precision']:.3f}", f"{row['recall']:.3f}")
         Console().print(table)
-    err.print(f"{calibration.sampled} images, {calibration.positives} synthetic copies, "
+    say(f"{calibration.sampled} images, {calibration.positives} synthetic copies, "
               f"{calibration.neighbours} neighbours each; copies per image: "
               f"{calibration.estimated_copy_rate:.3g} estimated, {calibration.copy_rate:.3g} "
-              f"used ({calibration.mode} scores); stored in {path}",
-              highlight=False, soft_wrap=True)
+              f"used ({calibration.mode} scores); stored in {path}")

@@ -22,8 +22,8 @@ from mgdedup.cli.shell import (
     ModelOption,
     WorkersOption,
     app,
-    err,
     progress_bar,
+    say,
     user_errors,
 )
 from mgdedup.errors import MgdedupError
@@ -93,8 +93,8 @@ def _show(result: dict[str, Any], as_json: bool) -> None:
         shown = f"{value:.4f}" if isinstance(value, float) and name != "p" else str(value)
         table.add_row(name, shown)
     Console(width=160).print(table)
-    err.print(f"{result['embedded']} image(s) embedded, the others from the cache "
-              f"{result['cache']}", highlight=False, soft_wrap=True)
+    say(f"{result['embedded']} image(s) embedded, the others from the cache "
+              f"{result['cache']}")
 
 
 @eval_app.command("holidays")
@@ -239,8 +239,8 @@ def tune_p(
     loaded = load_model(model)
     inaug = build_inaug(images, DEFAULT_K if k is None else k, seed, layout=layout,
                         per_class=per_class, exclude=tuple(exclude or ()))
-    err.print(f"IN-aug: {len(inaug.sources)} images x {inaug.copies} copies from "
-              f"{inaug.root}", highlight=False, soft_wrap=True)
+    say(f"IN-aug: {len(inaug.sources)} images x {inaug.copies} copies from "
+              f"{inaug.root}")
     with progress_bar("tune-p") as progress:
         def on_resolution(size: int) -> Callable[[int], None]:
             task = progress.add_task(f"s*={size}", total=len(inaug.sources))
@@ -270,4 +270,4 @@ def tune_p(
                               f"{m['micro_ap']:.4f}")
             console.print(table)
     for message in messages:
-        err.print(message, highlight=False, soft_wrap=True)
+        say(message)

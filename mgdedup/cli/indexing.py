@@ -12,8 +12,8 @@ from mgdedup.cli.shell import (
     ModelOption,
     WorkersOption,
     app,
-    err,
     progress_bar,
+    say,
     user_errors,
 )
 
@@ -74,11 +74,15 @@ def index(
         summary = update_index(folders, index_dir, loaded, spec, resolution,
                                batch_size=batch_size, workers=workers, rebuild=rebuild,
                                device=device, progress=hooks, shard=parsed, factory=factory)
+    if summary.salvaged is not None:
+        kept, aside = summary.salvaged
+        say(f"warning: the index was damaged; {kept if kept is not None else 'no'} rows could "
+            f"be kept and the other files were embedded again (damaged file kept as {aside})")
     line = (f"{summary.embedded} indexed, {summary.skipped} skipped"
             + (f" (see {summary.errors_path})" if summary.skipped else "")
             + f"; {summary.unchanged} unchanged, {summary.removed} removed; "
               f"{summary.total} images in {summary.index_dir}")
-    err.print(line, highlight=False, soft_wrap=True)
+    say(line)
 
 
 
@@ -112,4 +116,4 @@ def merge(
     if summary.missing_shards:
         line += (f"; shards {', '.join(summary.missing_shards)} missing (run `mgdedup index` "
                  "on the folder to embed their files)")
-    err.print(line, highlight=False, soft_wrap=True)
+    say(line)

@@ -12,8 +12,8 @@ from mgdedup.cli.shell import (
     ModelOption,
     WorkersOption,
     app,
-    err,
     progress_bar,
+    say,
     user_errors,
 )
 from mgdedup.errors import MgdedupError
@@ -58,7 +58,7 @@ def whiten(
     whitened.info.name = out.stem
     save_model(whitened, out)
     threshold = report.whitening.threshold
-    err.print(f"whitening {report.dim}-d fitted on {report.images} images at resolution "
+    say(f"whitening {report.dim}-d fitted on {report.images} images at resolution "
               f"{resolution} (p*={report.whitening.p:g}), {report.skipped} skipped"
               + (f"; default threshold {threshold:g}" if threshold is not None else "")
-              + f"; wrote {out}", highlight=False, soft_wrap=True)
+              + f"; wrote {out}")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mgdedup.cli.shell import IndexOption, ModelOption, app, err, user_errors
+from mgdedup.cli.shell import IndexOption, ModelOption, app, say, user_errors
 from mgdedup.errors import MgdedupError
+from mgdedup.files.names import json_text, printable
 
 
 @app.command()
@@ -30,20 +30,20 @@ def search(
 
     where = find_index(index_dir)
     results = search_index(where, images, k=k, model_spec=model)
-    err.print(f"index: {where}", highlight=False, soft_wrap=True)
+    say(f"index: {where}")
     for result in results:
         if result.error:
-            err.print(f"skipped {result.query}: {result.error}", highlight=False)
+            say(f"skipped {result.query}: {result.error}")
     if as_json:
-        typer.echo(json.dumps([{"query": r.query, "results": [{"path": p, "score": round(s, 6)}
+        typer.echo(json_text([{"query": r.query, "results": [{"path": p, "score": round(s, 6)}
                                                               for p, s in r.results]}
-                               for r in results if r.error is None], ensure_ascii=False, indent=2))
+                               for r in results if r.error is None], indent=2))
     else:
         for result in results:
             if result.error is None:
-                typer.echo(result.query)
+                typer.echo(printable(result.query))
                 for path, score in result.results:
-                    typer.echo(f"  {score:.3f}  {path}")
+                    typer.echo(f"  {score:.3f}  {printable(path)}")
     if all(r.error for r in results):
         raise typer.Exit(1)
 
@@ -76,16 +76,16 @@ def classify(
         raise MgdedupError("give images to classify, or --index to classify an index")
     for prediction in predictions:
         if prediction.error:
-            err.print(f"skipped {prediction.path}: {prediction.error}", highlight=False)
+            say(f"skipped {prediction.path}: {prediction.error}")
     good = [p for p in predictions if p.error is None]
     if as_json:
-        typer.echo(json.dumps([{"path": p.path, "top": [{"index": i, "label": label,
+        typer.echo(json_text([{"path": p.path, "top": [{"index": i, "label": label,
                                                          "prob": round(q, 6)}
                                                         for i, label, q in p.top]}
-                               for p in good], ensure_ascii=False, indent=2))
+                               for p in good], indent=2))
     else:
         for prediction in good:
-            typer.echo(prediction.path)
+            typer.echo(printable(prediction.path))
             for _, label, probability in prediction.top:
                 typer.echo(f"  {probability:6.1%}  {label}")
     if not good:

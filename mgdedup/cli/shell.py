@@ -26,8 +26,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.names import printable
 
 app = typer.Typer(
     name="mgdedup", no_args_is_help=True, add_completion=False,
@@ -35,7 +37,8 @@ app = typer.Typer(
          "from one MultiGrain embedding.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True)
+#: messages: never rich markup (a path like ``dir[/]x.jpg`` or ``[bold]x.jpg`` is text)
+err = Console(stderr=True, markup=False, highlight=False, emoji=False)
 log = logging.getLogger("mgdedup")
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -54,6 +57,11 @@ WorkersOption = Annotated[int | None, typer.Option(
          "the model; else cores - 1 decoding for the main process). 0: all in this process.")]
 
 
+def say(message: str) -> None:
+    """One message line on stderr, as plain text with control characters escaped."""
+    err.print(printable(message), soft_wrap=True)
+
+
 def user_errors(command: F) -> F:
     """Turn MgdedupError into one line on stderr and exit code 1, never a traceback."""
 
@@ -62,10 +70,11 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except MgdedupError as error:
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("error:", "bold red"), " ", printable(str(error))),
+                      soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err.print("interrupted; finished batches are saved, run the command again to resume")
+            say("interrupted; finished batches are saved, run the command again to resume")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mgdedup.cli.shell import app, err, progress_bar, user_errors
+from mgdedup.cli.shell import app, progress_bar, say, user_errors
 from mgdedup.errors import MgdedupError
 
 
@@ -168,11 +168,10 @@ def train(
     except KeyboardInterrupt:
         if main_process:
             last = Path(config.resume) if config.resume else config.run_path() / "last.ckpt"
-            err.print(f"interrupted; continue from the last checkpoint with --resume {last}",
-                      highlight=False, soft_wrap=True)
+            say(f"interrupted; continue from the last checkpoint with --resume {last}")
         raise typer.Exit(130) from None
     if main_process:
-        err.print(f"wrote {result}", highlight=False, soft_wrap=True)
+        say(f"wrote {result}")
 
 
 class _Reporter:
@@ -187,11 +186,10 @@ class _Reporter:
         event = record.get("event")
         if event in ("start", "resume"):
             self.epochs = int(record["epochs"])
-            err.print(f"{'resuming' if event == 'resume' else 'training'} on "
+            say(f"{'resuming' if event == 'resume' else 'training'} on "
                       f"{record['images']} images, {record['world_size']} process(es), "
                       f"{record['iters_per_epoch']} iterations per epoch, {self.epochs} "
-                      f"epoch{'s' if self.epochs != 1 else ''}",
-                      highlight=False, soft_wrap=True)
+                      f"epoch{'s' if self.epochs != 1 else ''}")
         elif event == "epoch_start":
             if self.task is not None:
                 self.progress.remove_task(self.task)
@@ -210,22 +208,21 @@ class _Reporter:
                 description=f"epoch {record['epoch'] + 1}/{self.epochs} " + " ".join(terms)
                 + f" lr {record['lr']:.3g} {record['img_per_s']:.0f} img/s")
         elif event == "whiten":
-            err.print(f"fitting the whitening at s*={record['resolution']} on the training "
-                      "images", highlight=False, soft_wrap=True)
+            say(f"fitting the whitening at s*={record['resolution']} on the training "
+                      "images")
         elif event == "copy_validation":
             line = (f"held-out copies at iteration {record['iteration']}: mAP "
                     f"{record['map_whitened']:.4f} (l2n {record['map_l2n']:.4f}), top-1 "
                     f"agreement {100 * record['agreement']:.1f}% over {record['queries']} "
                     f"queries")
-            err.print(line + (" (best so far)" if record["best"] else ""), highlight=False,
-                      soft_wrap=True)
+            say(line + (" (best so far)" if record["best"] else ""))
         elif event == "selected" and record["iteration"] > 0:  # 0: the trainer warns
-            err.print(f"writing the model of iteration {record['iteration']}: held-out copy "
+            say(f"writing the model of iteration {record['iteration']}: held-out copy "
                       f"mAP {record['initial_map_whitened']:.4f} -> "
-                      f"{record['map_whitened']:.4f}", highlight=False, soft_wrap=True)
+                      f"{record['map_whitened']:.4f}")
         elif event == "epoch":
             # one line per epoch, also in SLURM logs (not a TTY)
-            err.print(self.epoch_line(record), highlight=False, soft_wrap=True)
+            say(self.epoch_line(record))
 
     def epoch_line(self, record: dict) -> str:
         line = (f"epoch {record['epoch'] + 1}: loss {record.get('loss', 0):.4f} "

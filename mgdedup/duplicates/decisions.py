@@ -15,6 +15,7 @@ import numpy as np
 
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import write_text
+from mgdedup.files.names import json_text
 from mgdedup.index.layout import IndexDir
 
 VERDICTS = ("duplicate", "not-duplicate")
@@ -56,7 +57,7 @@ def save_decisions(index_dir: Path, decisions: Decisions) -> None:
     data = {"duplicate": sorted(sorted(p) for p in decisions.duplicate),
             "not-duplicate": sorted(sorted(p) for p in decisions.not_duplicate)}
     write_text(IndexDir(index_dir).decisions,
-               json.dumps(data, ensure_ascii=False, indent=1) + "\n", "decisions")
+               json_text(data, indent=1) + "\n", "decisions")
 
 
 def apply_decisions(decisions: Decisions, paths: list[str], i: np.ndarray, j: np.ndarray,

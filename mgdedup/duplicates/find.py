@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,10 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
                                                score_norm)
             i, j, scores = _normalised_pairs(index, store, background, score_norm, threshold,
                                              block_rows)
+        # scores as the rows say, never as the search structure (a cache) says
+        i, j, scores = _rescored(store, i, j, background, score_norm, threshold)
         facts = file_facts(store)
+        i, j, scores = _without_same_files(facts, i, j, scores)
 
         def similarity(a: int, b: int) -> float:
             rows = store.embeddings(a, a + 1), store.embeddings(b, b + 1)
@@ -150,4 +154,45 @@ def _normalised_pairs(index, store: IndexStore, background: np.ndarray, norm: Sc
     i, j, raw = range_pairs(index, store.iter_embeddings(block_rows), radius)
     scores = normalise(raw, background[i], background[j], norm)
     keep = scores >= np.float32(threshold)
+    return i[keep], j[keep], scores[keep]
+
+
+def _rescored(store: IndexStore, i: np.ndarray, j: np.ndarray, background: np.ndarray | None,
+              norm: ScoreNorm | None, threshold: float
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, score) with every score recomputed from the HDF5 rows (the source of truth),
+    keeping the pairs that still reach the threshold: a damaged or altered faiss.index can
+    then cost candidates, never report a pair at a score it does not have."""
+    if not len(i):
+        return i, j, np.zeros(0, np.float32)
+    rows = np.unique(np.concatenate([i, j]))
+    vectors = np.asarray(store.read("embeddings", rows), np.float32)
+    position = {int(r): k for k, r in enumerate(rows.tolist())}
+    a = vectors[[position[int(r)] for r in i.tolist()]]
+    b = vectors[[position[int(r)] for r in j.tolist()]]
+    scores = np.einsum("ij,ij->i", a, b).astype(np.float32)
+    if background is not None and norm is not None:
+        scores = normalise(scores, background[i], background[j], norm)
+    keep = scores >= np.float32(threshold)
+    return i[keep], j[keep], scores[keep]
+
+
+def _without_same_files(facts: list[FileFacts], i: np.ndarray, j: np.ndarray,
+                        scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop pairs of two paths to ONE file (same device and inode: a hard link, a folder
+    indexed twice through a bind mount): deleting one as the other's duplicate would delete
+    both. Only the rows of pairs are stat'ed."""
+    if not len(i):
+        return i, j, scores
+    identity: dict[int, tuple[int, int] | None] = {}
+    for row in np.unique(np.concatenate([i, j])).tolist():
+        try:
+            st = os.stat(facts[row].path)
+            identity[row] = (st.st_dev, st.st_ino)
+        except OSError:
+            identity[row] = None
+    keep = np.array([identity[a] is None or identity[a] != identity[b]
+                     for a, b in zip(i.tolist(), j.tolist())], dtype=bool)
+    if not keep.all():
+        log.info("%d pairs of paths to the same file left out", int((~keep).sum()))
     return i[keep], j[keep], scores[keep]

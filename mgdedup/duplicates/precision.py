@@ -69,6 +69,7 @@ import numpy as np
 from mgdedup.duplicates.score_norm import ScoreNorm
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import write_text
+from mgdedup.files.names import json_text
 from mgdedup.index.layout import IndexDir
 
 if TYPE_CHECKING:  # heavy (torch, faiss, h5py): imported where used, the CLI starts fast
@@ -217,7 +218,7 @@ def save_calibration(index_dir: Path, calibration: Calibration) -> Path:
     except (OSError, ValueError):
         data = {"version": FORMAT_VERSION, "modes": {}}
     data["modes"][calibration.mode] = asdict(calibration)
-    write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n", "calibration")
+    write_text(path, json_text(data, indent=1) + "\n", "calibration")
     return path
 
 

@@ -38,6 +38,7 @@ from mgdedup.cpus import available_cpus
 from mgdedup.duplicates.find import DedupResult
 from mgdedup.duplicates.report_text import FileFacts
 from mgdedup.files.atomic import write_text
+from mgdedup.files.names import printable
 from mgdedup.imaging.reading import ImageReadError, open_rgb
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,9 @@ SCORE_TITLES = {
 
 def _figure(facts: FileFacts, thumb: Thumbnail, role: str, score: float | None,
             thumb_px: int, score_kind: str = "cosine") -> str:
-    path = escape(facts.path, quote=True)
-    name = escape(os.path.basename(facts.path) or facts.path, quote=True)
+    shown = printable(facts.path)  # control characters and undecodable bytes escaped
+    path = escape(shown, quote=True)
+    name = escape(os.path.basename(shown) or shown, quote=True)
     if thumb.uri is not None:
         picture = (f'<img src="{thumb.uri}" width="{thumb.width}" height="{thumb.height}" '
                    f'loading="lazy" decoding="async" alt="{name}">')

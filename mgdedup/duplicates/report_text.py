@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mgdedup.duplicates.grouping import Group
+from mgdedup.files.names import csv_safe, json_text, printable
 
 
 @dataclass
@@ -77,7 +78,7 @@ def groups_to_json(groups: Sequence[Group], facts: Sequence[FileFacts], threshol
             for number, group in enumerate(groups, start=1)
         ],
     }
-    return json.dumps(document, ensure_ascii=False, indent=2)
+    return json_text(document, indent=2)
 
 
 #: the first seven columns are the original ones, in their order
@@ -102,11 +103,11 @@ def groups_to_csv(groups: Sequence[Group], facts: Sequence[FileFacts],
     for number, group in enumerate(groups, start=1):
         keeper = facts[group.keeper]
         per_group = [1 + len(group.members), _group_bytes(group, facts)]
-        writer.writerow([number, "keeper", keeper.path, "" if normalised else "1.0",
+        writer.writerow([number, "keeper", csv_safe(keeper.path), "" if normalised else "1.0",
                          keeper.width, keeper.height, keeper.size, *per_group, *shared])
         for row, score in group.members:
             member = facts[row]
-            writer.writerow([number, "member", member.path, f"{score:.6f}", member.width,
+            writer.writerow([number, "member", csv_safe(member.path), f"{score:.6f}", member.width,
                              member.height, member.size, *per_group, *shared])
     return buffer.getvalue()
 
@@ -124,10 +125,10 @@ def print_groups_table(groups: Sequence[Group], facts: Sequence[FileFacts],
         table.add_column("path", overflow="fold")
         keeper = facts[group.keeper]
         table.add_row("keep", "", f"{keeper.width}x{keeper.height}", f"{keeper.size:,}",
-                      keeper.path)
+                      Text(printable(keeper.path)))
         for row, score in group.members:
             member = facts[row]
             table.add_row("dup", f"{score:.3f}", f"{member.width}x{member.height}",
-                          f"{member.size:,}", member.path)
+                          f"{member.size:,}", Text(printable(member.path)))
         console.print(table)
         console.print()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from mgdedup.files.regular import open_regular
+
 DIGEST_CHUNK = 1 << 20
 
 
@@ -14,7 +16,7 @@ def file_digest(path: str | Path) -> str:
     digest = hashlib.blake2b(digest_size=16)
     buffer = bytearray(DIGEST_CHUNK)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as fp:
+    with open_regular(path) as fp:
         while True:
             count = fp.readinto(buffer)
             if not count:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.regular import NotRegularFile, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def open_rgb(path: str | Path, min_size: MinSize = None) -> tuple[Image.Image, t
     """
     fmt: str | None = None
     try:
-        with open(path, "rb") as fp:
+        with open_regular(path) as fp:
             head = fp.read(HEAD_BYTES)
             fmt = sniff_bytes(head)
             if fmt is None:
@@ -192,6 +193,8 @@ def open_rgb(path: str | Path, min_size: MinSize = None) -> tuple[Image.Image, t
         raise ImageReadError("permission denied") from None
     except IsADirectoryError:
         raise ImageReadError("is a directory") from None
+    except NotRegularFile as error:  # a FIFO, a device: never read, never waited for
+        raise ImageReadError(error.strerror or "not a regular file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         # raised by Pillow's plugins for sizes only known while reading (GIF frames, tiles)
         found = re.search(r"\((\d+) pixels\)", str(error))

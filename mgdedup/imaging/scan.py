@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mgdedup.errors import MgdedupError
+from mgdedup.files.regular import NotRegularFile, read_head
 from mgdedup.imaging.reading import HEAD_BYTES, not_image_reason, sniff_bytes
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,10 @@ def _examine(root: Path, path: str, problems: list[tuple[Path, str]],
                 return ScannedFile(root=root, path=Path(path), rel=rel, size=stat.st_size,
                                    mtime_ns=stat.st_mtime_ns)
     try:
-        with open(path, "rb") as fp:
-            stat = os.fstat(fp.fileno())
-            head = fp.read(HEAD_BYTES)
+        stat, head = read_head(Path(path), HEAD_BYTES)
+    except NotRegularFile as error:  # swapped for a FIFO or a device since listed
+        problems.append((Path(path), f"not a regular file ({error.strerror})"))
+        return None
     except FileNotFoundError:
         problems.append((Path(path), "file disappeared"))
         return None

@@ -11,7 +11,6 @@ by the next run even when nothing is left to embed.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ import torch
 from mgdedup.embedding.embedder import EmbeddedBatch, Embedder
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import replacing, write_text
+from mgdedup.files.names import json_text
 from mgdedup.imaging.scan import ScannedFile, scan_images
 from mgdedup.index.faiss_index import (
     build_index,
@@ -35,7 +35,7 @@ from mgdedup.index.faiss_index import (
 )
 from mgdedup.index.layout import IndexDir, remember_index
 from mgdedup.index.lock import IndexLock
-from mgdedup.index.store import IndexMeta, IndexStore, RowBatch
+from mgdedup.index.store import DamagedIndex, IndexMeta, IndexStore, RowBatch, salvage
 from mgdedup.model.multigrain import MultiGrainModel
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class IndexSummary:
     unchanged: int
     removed: int  # rows dropped: files deleted or changed since the last run
     skipped: int  # files that could not be read (listed in errors.jsonl)
+    #: (rows kept or None, where the damaged file went) when the index had to be salvaged
+    salvaged: tuple[int | None, Path] | None = None
 
     @property
     def errors_path(self) -> Path:
@@ -218,6 +220,13 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
     scanned_roots = sorted({str(f.root) for f in files} | {str(_root_of(r)) for r in roots})
 
     shard_spec = str(shard) if shard is not None else None
+    salvaged = None
+    if h5_path.exists():
+        try:
+            _open_checked(h5_path).close()
+        except DamagedIndex:
+            salvaged = salvage(h5_path)
+            layout.faiss.unlink(missing_ok=True)
     if h5_path.exists():
         store = IndexStore.open(h5_path, mode="a")
         wanted = model_meta(model, model_name, resolution, store.meta.roots)
@@ -266,7 +275,22 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
     finally:
         store.close()
     return IndexSummary(index_dir=index_dir, total=total, embedded=embedded,
-                        unchanged=unchanged, removed=len(stale_rows), skipped=len(errors))
+                        unchanged=unchanged, removed=len(stale_rows), skipped=len(errors),
+                        salvaged=salvaged)
+
+
+def _open_checked(h5_path: Path) -> IndexStore:
+    """The index opened for appending, its columns read once: damage anywhere in what a run
+    reads raises DamagedIndex here, before anything is written."""
+    store = IndexStore.open(h5_path, mode="a")
+    try:
+        store.absolute_paths()
+        for name in ("size", "mtime_ns", "digest"):
+            store.read(name)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def _create_store(h5_path: Path, meta: IndexMeta) -> IndexStore:
@@ -327,6 +351,5 @@ def _rows(batch: EmbeddedBatch, files: list[ScannedFile], root_index: dict[str, 
 
 def _write_errors(path: Path, errors: list[tuple[str, str]]) -> None:
     """Rewritten each run: it lists what the index is missing now."""
-    write_text(path, "".join(json.dumps({"path": file_path, "reason": reason},
-                                        ensure_ascii=False) + "\n"
+    write_text(path, "".join(json_text({"path": file_path, "reason": reason}) + "\n"
                              for file_path, reason in errors), "error list")

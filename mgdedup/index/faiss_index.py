@@ -449,7 +449,10 @@ def ensure_index(idx_dir: str | os.PathLike[str], store: IndexStore,
                 _new_index(store.meta.dim, factory)):
             reason = f"built as {_factory_of(old)!r}, {factory!r} requested"
         else:
-            return old
+            reason = _disagreement(old, store)
+            if reason is None:
+                return old
+            log.warning("%s %s; rebuilding it from the index rows", path, reason)
     kind = factory or (_factory_of(old) if old is not None else None) or \
         auto_factory(len(store))
     log.info("rebuilding %s (%s) as %r from %d rows", path, reason, kind, len(store))
@@ -460,6 +463,44 @@ def ensure_index(idx_dir: str | os.PathLike[str], store: IndexStore,
     except MgdedupError as exc:  # e.g. a read-only index directory: search anyway
         log.warning("%s; the index will be rebuilt next time", exc)
     return index
+
+
+#: stored vectors compared with the HDF5 rows each time a saved search index is loaded
+VERIFY_ROWS = 512
+
+
+def _stored_vectors(index: faiss.Index, rows: np.ndarray) -> np.ndarray | None:
+    """The vectors `index` holds for ids `rows`, for the exact kinds (Flat, IVF-Flat); None
+    for lossy or opaque kinds (PQ, HNSW), which cannot be checked this way."""
+    flat = _flat_vectors(index)
+    if flat is not None:
+        return flat[rows]
+    lists = _IvfLists.of(index)
+    if lists is None:
+        return None
+    out = np.full((len(rows), index.d), np.nan, np.float32)  # rows sorted and unique
+    for ids, vectors in zip(lists.ids, lists.vectors):
+        found = np.isin(ids, rows)
+        if found.any():
+            out[np.searchsorted(rows, ids[found])] = vectors[found]
+    return out
+
+
+def _disagreement(index: faiss.Index, store: IndexStore) -> str | None:
+    """Why a saved search index is not a copy of the rows (None: a sample of them matches).
+    The HDF5 rows are the source of truth; faiss.index is only a cache of them."""
+    n = len(store)
+    if n == 0:
+        return None
+    rows = np.unique(np.concatenate([[0, n - 1], np.random.default_rng(n).choice(
+        n, size=min(VERIFY_ROWS, n), replace=False)])).astype(np.int64)
+    held = _stored_vectors(index, rows)
+    if held is None:
+        return None
+    expected = np.asarray(store.read("embeddings", rows), np.float32)
+    if not np.array_equal(held, expected):
+        return "does not hold the index rows' descriptors (damaged or altered)"
+    return None
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""One writer per index: ``IDX/lock`` while `mgdedup index` updates an index directory.
+"""One writer per index: ``IDX/lock`` while `mgdedup index` or `merge` writes an index folder,
+or `dedup --apply` / `undo` act on its files.
 
 The lock file is created atomically (``O_CREAT | O_EXCL``) and holds ``{"pid", "host",
-"started"}``. A second writer fails fast with a one-line MgdedupError naming the holder.
+"started", "command"}``. A second writer fails fast with a one-line MgdedupError naming the holder.
 Readers (`dedup`, `search`, `classify --index`) never take it: the HDF5 store lets them read
 between the writer's batches.
 
@@ -39,7 +40,10 @@ class IndexLock:
     """``with IndexLock(index_dir):`` -- exclusive right to write `index_dir` (created if
     missing; removed again on release if the lock was all that was put in it)."""
 
-    def __init__(self, index_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, index_dir: str | os.PathLike[str], command: str = "index") -> None:
+        """`command` names the holder in the message another process gets (index, merge,
+        dedup --apply, undo)."""
+        self.command = command
         self.index_dir = Path(index_dir)
         self.path = IndexDir(self.index_dir).lock
         self._inode: tuple[int, int] | None = None
@@ -101,7 +105,7 @@ class IndexLock:
         except OSError as error:
             raise MgdedupError(f"cannot create lock file {self.path}: {error.strerror}") from None
         try:
-            content = {"pid": os.getpid(), "host": socket.gethostname(),
+            content = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                        "started": datetime.now().astimezone().isoformat(timespec="seconds")}
             os.write(fd, (json.dumps(content) + "\n").encode("utf-8"))
             self._inode = _inode_fd(fd)
@@ -126,14 +130,16 @@ class IndexLock:
             age = time.time() - stat.st_mtime
             if age < GARBAGE_GRACE_S:
                 raise MgdedupError(
-                    f"another mgdedup index is writing {self.index_dir} (lock file {self.path} "
+                    f"another mgdedup process is writing {self.index_dir} (lock file "
+                    f"{self.path} "
                     f"is unreadable; if no index run is active, remove it or wait "
                     f"{GARBAGE_GRACE_S - age:.0f} s)")
             why = f"unreadable lock file, {age:.0f} s old"
         else:
             pid, host, started = holder
             if host != socket.gethostname() or _alive(pid):
-                raise MgdedupError(f"another mgdedup index is writing {self.index_dir} "
+                raise MgdedupError(f"another mgdedup process ({_command_of(raw)}) is writing "
+                                   f"{self.index_dir} "
                                    f"(pid {pid} on {host} since {started})")
             why = f"pid {pid} on {host} since {started} is not running"
         # rename, not unlink: only the file judged stale may go, never one created meanwhile
@@ -148,10 +154,19 @@ class IndexLock:
             except FileExistsError:
                 pass
             aside.unlink(missing_ok=True)
-            raise MgdedupError(f"another mgdedup index is writing {self.index_dir} "
+            raise MgdedupError(f"another mgdedup process is writing {self.index_dir} "
                                f"(it took over the stale lock {self.path} just now)")
         aside.unlink(missing_ok=True)
         log.warning("taking over stale index lock %s (%s)", self.path, why)
+
+
+def _command_of(raw: bytes) -> str:
+    """The holder's command as its lock file names it ("mgdedup index" for older files)."""
+    try:
+        command = json.loads(raw.decode("utf-8")).get("command", "index")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        command = "index"
+    return f"mgdedup {command}" if isinstance(command, str) else "mgdedup"
 
 
 def _parse(raw: bytes) -> tuple[int, str, str] | None:

@@ -27,6 +27,7 @@ for the ``paths`` strings; batches of a few hundred rows keep that overhead smal
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -50,7 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "mgdedup-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions this module reads; a version 1 index opened for writing is upgraded in place
+READABLE_VERSIONS = (1, 2)
 DIGEST_CHARS = 32
 
 _PATH_DTYPE = h5py.string_dtype("utf-8")
@@ -68,9 +71,16 @@ _COLUMNS: dict[str, Any] = {
     "white_norm": np.float32,
 }
 DATASETS = (*_COLUMNS, "embeddings")
+#: root attribute: rows committed (written last by each append)
+ROWS_ATTR = "rows"
 _SCALAR_CHUNK_ROWS = 4096
 _EMBEDDING_CHUNK_BYTES = 256 * 1024
 _COPY_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+class DamagedIndex(MgdedupError):
+    """The file is an index no longer: HDF5 structures damaged, attributes or columns that
+    make no sense. `mgdedup index` then salvages what can be read (`salvage`)."""
 
 
 @dataclass
@@ -196,7 +206,7 @@ def _h5_open(path: Path, mode: str, lock_timeout: float) -> h5py.File:
             raise MgdedupError(f"index file not found: {path}") from exc
         except OSError as exc:
             if "already open" not in str(exc):  # same process, another thread: wait too
-                raise MgdedupError(f"index file is corrupt: {path} ({one_line(exc)})") from exc
+                raise DamagedIndex(f"index file is corrupt: {path} ({one_line(exc)})") from exc
         if time.monotonic() >= deadline:
             raise MgdedupError(f"index file {path} is locked by another process (an "
                                f"`mgdedup index` run?); try again when it finishes")
@@ -209,9 +219,10 @@ def _read_meta(f: h5py.File, path: Path) -> IndexMeta:
     if attrs.get("format") != FORMAT:
         raise MgdedupError(f"not an mgdedup index: {path}")
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise MgdedupError(f"index {path} has format version {version}; this mgdedup reads "
-                           f"version {FORMAT_VERSION} (upgrade mgdedup or rebuild the index)")
+                           f"versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade mgdedup "
+                           "or rebuild the index)")
     try:
         meta = IndexMeta(model_id=str(attrs["model_id"]), model_name=str(attrs["model_name"]),
                          resolution=int(attrs["resolution"]), p=float(attrs["p"]),
@@ -221,20 +232,33 @@ def _read_meta(f: h5py.File, path: Path) -> IndexMeta:
                          factory=str(attrs["factory"]) if "factory" in attrs else None,
                          shard=str(attrs["shard"]) if "shard" in attrs else None)
     except (KeyError, ValueError, TypeError) as exc:
-        raise MgdedupError(f"index file is corrupt: {path} (bad attribute: "
+        raise DamagedIndex(f"index file is corrupt: {path} (bad attribute: "
                            f"{one_line(exc)})") from exc
     for name in DATASETS:
         if name not in f:
-            raise MgdedupError(f"index file is corrupt: {path} (missing dataset {name!r})")
+            raise DamagedIndex(f"index file is corrupt: {path} (missing dataset {name!r})")
     if f["embeddings"].ndim != 2 or f["embeddings"].shape[1] != meta.dim:
-        raise MgdedupError(f"index file is corrupt: {path} (embeddings are not N x {meta.dim})")
+        raise DamagedIndex(f"index file is corrupt: {path} (embeddings are not N x {meta.dim})")
     return meta
 
 
 def _row_count(f: h5py.File) -> int:
-    """Rows every column has: a writer that died mid-append leaves some columns longer."""
+    """The committed rows: ``rows`` is written only after a batch's every column is written
+    and flushed, so rows a writer was still writing when it died (or a full disk stopped) are
+    never seen. A version 1 file has no ``rows``: the rows every column has."""
     lengths = {name: f[name].shape[0] for name in DATASETS}
     n = min(lengths.values())
+    committed = f.attrs.get(ROWS_ATTR)
+    if committed is not None:
+        try:
+            committed = int(committed)
+        except (TypeError, ValueError):
+            raise DamagedIndex(f"index file is corrupt: {f.filename} (bad attribute "
+                               f"{ROWS_ATTR!r})") from None
+        if not 0 <= committed <= n:
+            raise DamagedIndex(f"index file is corrupt: {f.filename} ({committed} rows "
+                               f"committed, {n} written)")
+        return committed
     if max(lengths.values()) != n:
         log.warning("index columns have different lengths %s; using the first %d rows",
                     lengths, n)
@@ -242,7 +266,7 @@ def _row_count(f: h5py.File) -> int:
 
 
 def _write_meta(f: h5py.File, meta: IndexMeta) -> None:
-    f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+    f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, ROWS_ATTR: 0,
                     "model_id": meta.model_id, "model_name": meta.model_name,
                     "resolution": meta.resolution, "p": meta.p,
                     "whitening_id": meta.whitening_id, "dim": meta.dim,
@@ -318,7 +342,7 @@ class IndexStore:
             raise MgdedupError(f"no permission to {'read' if mode == 'r' else 'write'} "
                                f"index file {path}")
         if not h5py.is_hdf5(path):
-            raise MgdedupError(f"not an mgdedup index (not an HDF5 file): {path}")
+            raise DamagedIndex(f"not an mgdedup index (not an HDF5 file): {path}")
         return cls(path, mode, lock_timeout)
 
     def refresh(self) -> None:
@@ -397,13 +421,17 @@ class IndexStore:
             return
         with self._h5("a") as f:
             n = _row_count(f)  # another writer may have appended since we last looked
-            for name in _COLUMNS:
+            for name in _COLUMNS:  # rows past the committed count are overwritten
                 ds = f[name]
                 ds.resize((n + k,))
-                ds[n:] = getattr(batch, name)
+                ds[n:] = _encoded_paths(batch.paths) if name == "paths" else getattr(batch,
+                                                                                      name)
             emb = f["embeddings"]
             emb.resize((n + k, self._meta.dim))
             emb[n:] = batch.embeddings
+            f.flush()  # the rows on disk first, then the count that makes them visible
+            f.attrs[ROWS_ATTR] = n + k
+            f.attrs["format_version"] = FORMAT_VERSION  # a version 1 file is upgraded
             f.attrs["updated"] = _now()
             f.flush()
         self._n = n + k
@@ -442,6 +470,8 @@ class IndexStore:
                 for key, value in src.attrs.items():
                     dst.attrs[key] = value
                 dst.attrs["updated"] = _now()
+                dst.attrs["format_version"] = FORMAT_VERSION
+                dst.attrs[ROWS_ATTR] = n_keep  # written after the rows, as the file is renamed
                 _create_datasets(dst, self._meta.dim, n_keep)
                 out = 0
                 for start in range(0, self._n, block):
@@ -470,7 +500,7 @@ class IndexStore:
         with self._reading() as f:
             ds = f[name]
             if name == "paths":
-                ds = ds.asstr()
+                ds = ds.asstr(errors="surrogateescape")
             out = _take(ds, rows, self._n)
         if name == "digest":
             out = out.astype(f"U{DIGEST_CHARS}")
@@ -495,7 +525,7 @@ class IndexStore:
         stop = max(start, stop)
         with self._reading() as f:
             cols = {name: f[name][start:stop] for name in _COLUMNS if name != "paths"}
-            cols["paths"] = list(f["paths"].asstr()[start:stop])
+            cols["paths"] = list(f["paths"].asstr(errors="surrogateescape")[start:stop])
             cols["digest"] = [d.decode("ascii") for d in cols["digest"]]
             cols["embeddings"] = f["embeddings"][start:stop]
         return RowBatch(**cols)
@@ -511,8 +541,11 @@ class IndexStore:
     def absolute_paths(self) -> list[str]:
         """Files of every row, in row order."""
         roots = self._meta.roots
-        return [_join(roots[r], p)
-                for r, p in zip(self.read("root").tolist(), self.read("paths"))]
+        root_ids = self.read("root")
+        if len(root_ids) and (root_ids.min() < 0 or root_ids.max() >= len(roots)):
+            raise DamagedIndex(f"index file is corrupt: {self.path} (a row names a root "
+                               f"outside the {len(roots)} it lists)")
+        return [_join(roots[r], p) for r, p in zip(root_ids.tolist(), self.read("paths"))]
 
     # --- plumbing --------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -542,9 +575,15 @@ class IndexStore:
         f = _h5_open(self.path, "r+" if mode == "a" else mode, self.lock_timeout)
         try:
             yield f
-        except OSError as exc:
-            what = "is corrupt" if mode == "r" else "cannot be written"
-            raise MgdedupError(f"index file {what}: {self.path} ({one_line(exc)})") from exc
+        except (OSError, RuntimeError) as exc:  # h5py reports a full disk as either
+            if mode == "r":
+                raise DamagedIndex(f"index file is corrupt: {self.path} "
+                                   f"({_hdf5_reason(exc)})") from exc
+            raise MgdedupError(f"index file cannot be written: {self.path} "
+                               f"({_hdf5_reason(exc)})") from exc
+        except (KeyError, ValueError, TypeError) as exc:  # damaged object headers, types
+            raise DamagedIndex(f"index file is corrupt: {self.path} "
+                               f"({_hdf5_reason(exc)})") from exc
         finally:
             f.close()
 
@@ -553,6 +592,80 @@ class IndexStore:
         with self._h5("r") as f:
             self._check_same_file()
             yield f
+
+
+def _hdf5_reason(exc: BaseException) -> str:
+    """HDF5's error stack in a few words; a full disk says so."""
+    text = one_line(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text \
+            or "errno = 28" in text:
+        return "no space left on device"
+    return text[:200]
+
+
+def _encoded_paths(paths: list[str]) -> np.ndarray:
+    """Relative paths as UTF-8 bytes; a name that is not valid UTF-8 (kept by Python as lone
+    surrogates, `os.fsdecode`) is stored as its own bytes, so nothing is lost and it reads
+    back identical with ``errors="surrogateescape"``."""
+    out = np.empty(len(paths), dtype=object)
+    out[:] = [p.encode("utf-8", "surrogateescape") for p in paths]
+    return out
+
+
+SALVAGE_BLOCK = 4096
+
+
+def salvage(path: str | os.PathLike[str]) -> tuple[int | None, Path]:
+    """Replace a damaged index file by what can still be read of it: its attributes and its
+    committed rows, block by block up to the first block that does not read back whole and
+    sane. The damaged file is kept beside it, renamed ``NAME.damaged-<time>``. Returns (rows
+    kept, where the damaged file went); rows None when not even the attributes could be read
+    (the index then starts anew)."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+    rebuilt = path.with_name(path.name + ".salvaged")
+    kept: int | None = None
+    try:
+        with h5py.File(path, "r", locking="best-effort") as src:
+            meta = _read_meta(src, path)
+            n = _row_count(src)
+            with replacing(rebuilt, "index file") as tmp:
+                out = IndexStore.create(tmp, meta)
+                for start in range(0, n, SALVAGE_BLOCK):
+                    try:
+                        batch = _read_block(src, start, min(n, start + SALVAGE_BLOCK), meta)
+                    except Exception as error:  # noqa: BLE001 - any damage ends the salvage
+                        log.warning("index rows from %d on cannot be read (%s): dropped",
+                                    start, one_line(error))
+                        break
+                    out.append(batch)
+                kept = len(out)
+                out.close()
+    except Exception as error:  # noqa: BLE001 - nothing readable: start anew
+        log.warning("index %s cannot be read at all (%s)", path, one_line(error))
+        kept = None
+        rebuilt.unlink(missing_ok=True)
+    os.replace(path, aside)
+    if kept is not None:
+        os.replace(rebuilt, path)
+    log.warning("damaged index %s: %s; the damaged file is kept as %s", path,
+                f"{kept} rows salvaged" if kept is not None else "nothing could be salvaged",
+                aside)
+    return kept, aside
+
+
+def _read_block(f: h5py.File, start: int, stop: int, meta: IndexMeta) -> RowBatch:
+    """Rows [start, stop) of an open file, checked as an append would check them."""
+    cols = {name: f[name][start:stop] for name in _COLUMNS if name != "paths"}
+    cols["paths"] = list(f["paths"].asstr(errors="surrogateescape")[start:stop])
+    cols["digest"] = [d.decode("ascii") for d in cols["digest"]]
+    cols["embeddings"] = f["embeddings"][start:stop]
+    batch = RowBatch(**cols)
+    if len(batch) and (batch.root.min() < 0 or batch.root.max() >= len(meta.roots)):
+        raise ValueError("a row names a root that does not exist")
+    if not np.isfinite(batch.embeddings).all():
+        raise ValueError("descriptors that are not finite numbers")
+    return batch
 
 
 def _join(root: str, rel: str) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from mgdedup.errors import MgdedupError, first_line
 from mgdedup.files.atomic import replacing
+from mgdedup.model import validation
 from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
 from mgdedup.model.trunks import build_trunk
 from mgdedup.model.whitening import ANY_RESOLUTION, Whitening
@@ -81,19 +82,33 @@ def model_from_dict(data: dict, origin: str = "model file") -> MultiGrainModel:
         raise MgdedupError(f"{origin} has model format version {version}; this mgdedup reads "
                            f"version {MODEL_FORMAT_VERSION}")
     try:
+        p_star = data.get("p_star", {})
+        names = data.get("class_names", [])
+        whitenings = data.get("whitenings", {})
+        if not isinstance(p_star, dict) or not isinstance(whitenings, dict) \
+                or not isinstance(names, list | tuple):
+            raise TypeError("p_star and whitenings must be dicts, class_names a list")
         info = ModelInfo(
             name=str(data["name"]), trunk=str(data["trunk"]), source=str(data.get("source", "")),
-            training_p=float(data["training_p"]),
-            p_star={int(k): float(v) for k, v in dict(data.get("p_star", {})).items()},
-            class_names=[str(c) for c in data.get("class_names", [])],
+            training_p=validation.number(data["training_p"], "training_p", origin,
+                                         *validation.P_RANGE),
+            p_star={validation.resolution(k, "a p* resolution", origin):
+                    validation.number(v, f"p* at {k}", origin, *validation.P_RANGE)
+                    for k, v in p_star.items()},
+            class_names=[str(c) for c in names],
         )
         trunk = build_trunk(info.trunk)
-        trunk.load_state_dict(data["state_dict"], strict=True)
+        state = validation.state_dict(data["state_dict"], trunk.state_dict(), origin)
+        trunk.load_state_dict(state, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise MgdedupError(f"{origin} is malformed: {first_line(error)}") from None
-    whitenings = {int(k): Whitening.from_dict(w)
-                  for k, w in dict(data.get("whitenings", {})).items()}
-    return MultiGrainModel(trunk, info, whitenings).eval()
+    classes = trunk.classifier.out_features
+    if info.class_names and len(info.class_names) != classes:
+        raise MgdedupError(f"{origin}: {len(info.class_names)} class names for a classifier "
+                           f"of {classes} classes")
+    fitted = {validation.resolution(k, "a whitening resolution", origin):
+              Whitening.from_dict(w, trunk.feature_dim, origin) for k, w in whitenings.items()}
+    return MultiGrainModel(trunk, info, fitted).eval()
 
 
 def load_model_file(path: Path) -> MultiGrainModel:
@@ -109,7 +124,8 @@ def load_model_file(path: Path) -> MultiGrainModel:
     converted = convert_state_dict(data)
     trunk = build_trunk(converted.trunk_name)
     try:
-        trunk.load_state_dict(converted.trunk_state, strict=True)
+        trunk.load_state_dict(validation.state_dict(converted.trunk_state, trunk.state_dict(),
+                                                    str(path)), strict=True)
     except RuntimeError as error:
         raise MgdedupError(f"{path}: weights do not fit {converted.trunk_name}: "
                            f"{first_line(error)}") from None

@@ -53,7 +53,8 @@ def load_whitening_table(path: Path) -> dict[int, Whitening]:
     table = load_untrusted(path)
     if not isinstance(table, dict):
         raise MgdedupError(f"{path} is not a whitening table")
-    return {int(size): Whitening.from_dict(entry) for size, entry in table.items()}
+    return {int(size): Whitening.from_dict(entry, origin=str(path))
+            for size, entry in table.items()}
 
 
 def build_default_model() -> MultiGrainModel:

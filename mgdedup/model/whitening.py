@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mgdedup.errors import MgdedupError
+from mgdedup.model import validation
 
 #: whitening key meaning "fitted at an unknown resolution: apply at every resolution"
 #: (converted published checkpoints do not record where they were whitened)
@@ -73,14 +74,35 @@ class Whitening:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> Whitening:
+    def from_dict(cls, data: object, dim: int | None = None,
+                  origin: str = "model file") -> Whitening:
+        """A whitening from its stored form, every field checked first (`dim`: the trunk's
+        feature dimension D the whitening must apply to)."""
+        if not isinstance(data, dict):
+            raise MgdedupError(f"{origin} has a malformed whitening entry (not a dict)")
+        where = f"{origin}, whitening"
         try:
-            matrix = data["matrix"].float() if "matrix" in data else _matrix_from_compact(data)
-            return cls(mean=data["mean"].float(), matrix=matrix,
-                       resolution=int(data["resolution"]), p=float(data["p"]),
-                       threshold=float(data["threshold"]) if "threshold" in data else None)
-        except (KeyError, AttributeError, TypeError) as error:
-            raise MgdedupError(f"model file has a malformed whitening entry ({error})") from None
+            mean = validation.dense(data["mean"], "mean", where)
+            d = int(mean.shape[0]) if mean.ndim == 1 else -1
+            if mean.ndim != 1 or (dim is not None and d != dim):
+                raise MgdedupError(f"{where}: mean has shape {tuple(mean.shape)}, expected "
+                                   f"({dim if dim is not None else 'D'},)")
+            if "matrix" in data:
+                matrix = validation.dense(data["matrix"], "matrix", where)
+                if matrix.ndim != 2 or matrix.shape[1] != d or not 1 <= matrix.shape[0] <= d:
+                    raise MgdedupError(f"{where}: matrix has shape {tuple(matrix.shape)}, "
+                                       f"expected (k <= {d}, {d})")
+                matrix = matrix.float()
+            else:
+                matrix = _matrix_from_compact(data, d, where)
+            threshold = data.get("threshold")
+            return cls(mean=mean.float(), matrix=matrix,
+                       resolution=validation.resolution(data["resolution"], "resolution", where),
+                       p=validation.number(data["p"], "p", where, *validation.P_RANGE),
+                       threshold=None if threshold is None else
+                       validation.number(threshold, "threshold", where, -1.0, 1.0))
+        except KeyError as error:
+            raise MgdedupError(f"{origin} has a malformed whitening entry (no {error})") from None
 
 
 def fit_whitening(x: np.ndarray, resolution: int, p: float, dim: int | None = None,
@@ -142,10 +164,14 @@ def compact_floored(whitening: Whitening, floor_rank: int) -> dict:
     return data
 
 
-def _matrix_from_compact(data: dict) -> Tensor:
+def _matrix_from_compact(data: dict, dim: int, origin: str) -> Tensor:
     """M = f I + B^T diag(s - f) B, B the stored orthonormal rows (k, D)."""
-    basis = data["basis"].double()
-    scales = data["scales"].double()
-    floor_scale = float(data["floor_scale"])
+    basis = validation.dense(data["basis"], "basis", origin)
+    if basis.ndim != 2 or basis.shape[1] != dim or not 1 <= basis.shape[0] <= dim:
+        raise MgdedupError(f"{origin}: basis has shape {tuple(basis.shape)}, expected "
+                           f"(k <= {dim}, {dim})")
+    scales = validation.dense(data["scales"], "scales", origin, (basis.shape[0],)).double()
+    basis = basis.double()
+    floor_scale = validation.number(data["floor_scale"], "floor_scale", origin, 1e-12, 1e12)
     eye = torch.eye(basis.shape[1], dtype=torch.float64)
     return (floor_scale * eye + basis.T @ torch.diag(scales - floor_scale) @ basis).float()

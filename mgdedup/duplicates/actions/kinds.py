@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from enum import Enum
 
+#: the kind of a planned step that will not be done (its reason says why)
+SKIP = "skip"
+
 
 class Action(str, Enum):
     MOVE = "move"
