@@ -65,8 +65,36 @@ def test_graph_cached_on_disk_and_reused(model, onnx_cache, monkeypatch):
     second.session(375 + 32, 500 - 64)  # same padding class: same file
     assert files[0].stat().st_mtime_ns == stamp
     weights = first.weights_path()
-    # no temporary file left behind: one graph and the weights it refers to
-    assert sorted(onnx_cache.glob("*")) == sorted([*files, weights])
+    # no temporary file left behind: one graph, the weights it refers to, and their seals
+    seals = [p.with_name(p.name + ".blake2b") for p in (*files, weights)]
+    assert sorted(onnx_cache.glob("*")) == sorted([*files, weights, *seals])
+
+
+@pytest.mark.parametrize("victim", ["graph", "weights"])
+def test_a_changed_cache_file_is_rebuilt_not_used(model, onnx_cache, victim):
+    """A cached graph replaced by another (say one with a constant output) or weights damaged
+    on disk: the cache no longer matches what was checked against PyTorch, so it is written
+    and checked again, and the features are PyTorch's."""
+    images = torch.rand(1, 3, 64, 96)
+    trunk = OnnxTrunk(model.trunk, model.info.trunk)
+    trunk.forward_features(images)
+    graph = trunk.model_path(onnx_trunk.padding_class(64, 96))
+    if victim == "graph":  # a valid graph, but of another padding class: other features
+        trunk.forward_features(torch.rand(1, 3, 65, 97))
+        path = graph
+        data = trunk.model_path(onnx_trunk.padding_class(65, 97)).read_bytes()
+    else:  # damaged weights: same size, other bytes
+        path = trunk.weights_path()
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    onnx_trunk._verified.clear()  # a new process: nothing verified yet
+    again = OnnxTrunk(model.trunk, model.info.trunk)
+    got = again.forward_features(images)
+    with torch.inference_mode():
+        expected = model.trunk.forward_features(images)
+    assert (got - expected).abs().max() < 1e-4
+    assert path.read_bytes() != bytes(data)  # written anew
 
 
 def test_classes_share_one_weights_file(model, onnx_cache):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mgdedup.errors import MgdedupError
+from mgdedup.errors import MgdedupError, one_line
 from mgdedup.files.atomic import write_text
 from mgdedup.files.names import json_text
 from mgdedup.index.layout import IndexDir
@@ -46,10 +46,29 @@ def load_decisions(index_dir: Path) -> Decisions:
         return Decisions()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return Decisions(duplicate={frozenset(p) for p in data.get("duplicate", [])},
-                         not_duplicate={frozenset(p) for p in data.get("not-duplicate", [])})
-    except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise MgdedupError(f"cannot read {path}: {error}") from None
+    except (OSError, ValueError) as error:
+        raise MgdedupError(f"cannot read {path}: {one_line(error)}") from None
+    if not isinstance(data, dict):
+        raise MgdedupError(f"{path} is not a decisions file (expected an object with "
+                           "\"duplicate\" and \"not-duplicate\" lists)")
+    return Decisions(duplicate=_pairs(data, "duplicate", path),
+                     not_duplicate=_pairs(data, "not-duplicate", path))
+
+
+def _pairs(data: dict, verdict: str, path: Path) -> set[frozenset[str]]:
+    """The pairs of one verdict: each exactly two different paths (a hand-edited file gets a
+    one-line error naming what is wrong, never a misread verdict)."""
+    entries = data.get(verdict, [])
+    if not isinstance(entries, list):
+        raise MgdedupError(f"{path}: \"{verdict}\" must be a list of path pairs")
+    pairs = set()
+    for number, entry in enumerate(entries, start=1):
+        if not (isinstance(entry, list) and len(entry) == 2
+                and all(isinstance(p, str) and p for p in entry) and entry[0] != entry[1]):
+            raise MgdedupError(f"{path}: \"{verdict}\" entry {number} is not a pair of two "
+                               "different paths")
+        pairs.add(frozenset(entry))
+    return pairs
 
 
 def save_decisions(index_dir: Path, decisions: Decisions) -> None:

@@ -57,7 +57,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -67,9 +66,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mgdedup.duplicates.score_norm import ScoreNorm
-from mgdedup.errors import MgdedupError
+from mgdedup.errors import MgdedupError, one_line
 from mgdedup.files.atomic import write_text
 from mgdedup.files.names import json_text
+from mgdedup.files.scratch import scratch_folder
 from mgdedup.index.layout import IndexDir
 
 if TYPE_CHECKING:  # heavy (torch, faiss, h5py): imported where used, the CLI starts fast
@@ -200,12 +200,37 @@ def load_calibration(index_dir: Path, mode: str) -> Calibration | None:
             return None
         entry["curve"] = [tuple(point) for point in entry["curve"]]
         entry["skipped"] = [tuple(item) for item in entry.get("skipped", [])]
-        return Calibration(**entry)
+        return _checked(Calibration(**entry))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        log.debug("ignoring %s: %s", path, error)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        log.warning("ignoring %s (%s): it will be estimated again", path, one_line(error))
         return None
+
+
+_NUMBER_FIELDS = ("estimated_copy_rate", "prior_copy_rate", "copy_rate", "exact_from")
+_COUNT_FIELDS = ("resolution", "rows", "seed", "sampled", "positives", "neighbours", "probed")
+
+
+def _checked(calibration: Calibration) -> Calibration:
+    """A stored calibration whose every field has the type and range it is used with
+    (ValueError otherwise: the file is then ignored and calibration runs again)."""
+    for name in _COUNT_FIELDS:
+        value = getattr(calibration, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} is not a count")
+    for name in _NUMBER_FIELDS:
+        value = getattr(calibration, name)
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{name} is not a finite number")
+    for name in ("mode", "model_id", "whitening_id", "date"):
+        if not isinstance(getattr(calibration, name), str):
+            raise ValueError(f"{name} is not text")
+    for point in calibration.curve:
+        if len(point) != 3 or not all(isinstance(v, int | float) and math.isfinite(v)
+                                      for v in point):
+            raise ValueError("a curve point is not three finite numbers")
+    return calibration
 
 
 def save_calibration(index_dir: Path, calibration: Calibration) -> Path:
@@ -273,9 +298,9 @@ def calibrate_index(index_dir: Path, *, sample: int = DEFAULT_SAMPLE,
     model = model_for_index(meta, model_spec)
 
     embedder = Embedder(model, meta.resolution, device=device, workers=workers)
-    with tempfile.TemporaryDirectory(prefix="mgdedup-calibrate-") as tmp:
+    with scratch_folder(IndexDir(index_dir).scratch, "calibrate") as tmp:
         copy_paths, positions, unreadable = write_copies(
-            [paths[row] for row in chosen], Path(tmp), resolution=meta.resolution,
+            [paths[row] for row in chosen], tmp, resolution=meta.resolution,
             aug_copies=aug_copies, seed=seed)
         skipped = [(str(path), reason) for path, reason in unreadable]
         kept = sorted(set(positions))

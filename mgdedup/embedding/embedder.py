@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mgdedup.cpus import available_cpus
+from mgdedup.cpus import available_cpus, die_with_parent
 from mgdedup.embedding import onnx_trunk
 from mgdedup.embedding.batching import as_item, as_list, shape_groups
 from mgdedup.embedding.onnx_trunk import OnnxTrunk
@@ -263,6 +263,14 @@ class Embedder:
             gem = None
             if good:
                 gem = self._gem_of(good)
+                finite = torch.isfinite(gem).all(dim=1)
+                if not bool(finite.all()):  # never stored: NaN matches nothing, silently
+                    errors += [(item.position, "the model gave values that are not finite "
+                                "numbers for this image") for item, ok in
+                               zip(good, finite.tolist()) if not ok]
+                    good = [item for item, ok in zip(good, finite.tolist()) if ok]
+                    gem = gem[finite]
+            if good:
                 descriptors = self.model.describe(gem, self.resolution)
             else:
                 dim = self.model.descriptor_dim(self.resolution)
@@ -272,7 +280,7 @@ class Embedder:
                                 sizes=[item.size for item in good],
                                 digests=[item.digest for item in good],
                                 descriptors=descriptors, errors=errors,
-                                gem=gem if keep_gem else None)
+                                gem=gem if keep_gem and good else None)
             if on_progress is not None:
                 on_progress(len(items))
 
@@ -284,7 +292,8 @@ class Embedder:
         if not self.forward_in_workers:
             loader = DataLoader(ImageFiles(paths, self.resolution, digest),
                                 batch_size=self.batch_size, num_workers=self.workers,
-                                collate_fn=as_list, prefetch_factor=4 if self.workers else None)
+                                collate_fn=as_list, worker_init_fn=die_with_parent,
+                                prefetch_factor=4 if self.workers else None)
             yield from loader
             return
         assert self.onnx is not None
@@ -293,6 +302,7 @@ class Embedder:
                                 max_sessions=max(4, onnx_trunk.MAX_SESSIONS // self.workers))
         loader = DataLoader(ImageFiles(paths, self.resolution, digest, forward), batch_size=None,
                             num_workers=self.workers, collate_fn=as_item,
+                            worker_init_fn=die_with_parent,
                             prefetch_factor=max(4, self.batch_size // self.workers))
         items: list[DecodedImage] = []
         for item in loader:

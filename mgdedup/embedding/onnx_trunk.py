@@ -38,6 +38,7 @@ from torch import Tensor
 from mgdedup.cpus import available_cpus
 from mgdedup.files import user_dirs
 from mgdedup.files.atomic import write_bytes
+from mgdedup.files.digest import file_digest
 from mgdedup.model.batchnorm import folded_conv
 from mgdedup.model.fingerprint import weights_fingerprint
 
@@ -280,6 +281,8 @@ class OnnxTrunk:
             if wrote_weights:
                 weights.unlink(missing_ok=True)
             raise
+        _seal(weights)  # from now on trusted only while their bytes are these
+        _seal(path)
         return session
 
     def _new_session(self, path: Path) -> Any:
@@ -306,6 +309,13 @@ class OnnxTrunk:
         while len(self.sessions) >= self.max_sessions:
             self.sessions.popitem(last=False)
         path = self.model_path(key)
+        weights = self.weights_path()
+        if path.is_file() and not (_sealed(path) and _sealed(weights)):
+            log.warning("cached ONNX graph %s or its weights changed since they were checked; "
+                        "writing them again", path)
+            path.unlink(missing_ok=True)
+            if not _sealed(weights):
+                weights.unlink(missing_ok=True)
         if not path.is_file():
             session = self._write_checked(key)
         else:
@@ -340,6 +350,47 @@ class OnnxTrunk:
         parts = [session.run(None, {"images": batch[i:i + MAX_BATCH]})[0]
                  for i in range(0, len(batch), MAX_BATCH)]
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+SEAL_SUFFIX = ".blake2b"
+#: files verified by this process: path -> (size, mtime_ns) when they matched their seal
+_verified: dict[str, tuple[int, int]] = {}
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _seal(path: Path) -> None:
+    """Record the digest of a checked cache file beside it (`_sealed` compares)."""
+    write_bytes(path.with_name(path.name + SEAL_SUFFIX), file_digest(path).encode("ascii"),
+                "ONNX cache seal")
+    stamp = _file_stamp(path)
+    if stamp is not None:
+        _verified[str(path)] = stamp
+
+
+def _sealed(path: Path) -> bool:
+    """Whether a cache file still has the bytes it had when it was checked against PyTorch (a
+    replaced or damaged graph or weights file is never used)."""
+    stamp = _file_stamp(path)
+    if stamp is None:
+        return False
+    if _verified.get(str(path)) == stamp:
+        return True
+    try:
+        recorded = path.with_name(path.name + SEAL_SUFFIX).read_text(encoding="ascii").strip()
+        actual = file_digest(path)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if recorded != actual:
+        return False
+    _verified[str(path)] = stamp
+    return True
 
 
 def _smallest_size(parities: tuple[int, ...]) -> int:

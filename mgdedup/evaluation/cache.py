@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mgdedup.cpus import die_with_parent
 from mgdedup.embedding.batching import as_list
 from mgdedup.embedding.embedder import Embedder, default_workers
 from mgdedup.errors import MgdedupError
@@ -249,7 +250,8 @@ class EmbeddingCache:
         if derived:
             loader = DataLoader(_Derived([items[p] for p in derived], self.resolution),
                                 batch_size=self.batch_size, num_workers=self.workers,
-                                collate_fn=as_list, prefetch_factor=2 if self.workers else None)
+                                collate_fn=as_list, worker_init_fn=die_with_parent,
+                                prefetch_factor=2 if self.workers else None)
             for batch in loader:
                 good = [(i, t) for i, t, _ in batch if t is not None]
                 for i, _, reason in batch:

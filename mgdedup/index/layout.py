@@ -12,6 +12,7 @@ otherwise) holds:
 ``actions/``        manifests of applied actions, for `mgdedup undo`
 ``trash/``          bytes of deleted or linked duplicates, until undone or emptied
 ``lock``            held by the one writer (`mgdedup.index.lock`)
+``tmp/``            work files of running commands, removed when they end
 ==================  ================================================================
 
 Finding it: ``--index`` wins; else an index in the current directory; else the most recently
@@ -51,6 +52,7 @@ class IndexDir:
     ACTIONS = "actions"
     TRASH = "trash"
     LOCK = "lock"
+    SCRATCH = "tmp"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -86,6 +88,11 @@ class IndexDir:
     @property
     def lock(self) -> Path:
         return self.path / self.LOCK
+
+    @property
+    def scratch(self) -> Path:
+        """Work files of a running command (`mgdedup.files.scratch`)."""
+        return self.path / self.SCRATCH
 
     def exists(self) -> bool:
         return self.embeddings.is_file()

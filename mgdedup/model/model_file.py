@@ -103,7 +103,7 @@ def model_from_dict(data: dict, origin: str = "model file") -> MultiGrainModel:
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise MgdedupError(f"{origin} is malformed: {first_line(error)}") from None
     classes = trunk.classifier.out_features
-    if info.class_names and len(info.class_names) != classes:
+    if len(info.class_names) > classes:  # fewer: the first classes are named (fine-tuning)
         raise MgdedupError(f"{origin}: {len(info.class_names)} class names for a classifier "
                            f"of {classes} classes")
     fitted = {validation.resolution(k, "a whitening resolution", origin):

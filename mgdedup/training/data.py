@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
+from mgdedup.cpus import die_with_parent
 from mgdedup.errors import MgdedupError
 from mgdedup.imaging.augment import FullAugmentation
 from mgdedup.imaging.reading import ImageReadError, open_rgb
@@ -287,6 +288,7 @@ def seed_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: numpy and `random` follow the worker's torch seed (which the
     DataLoader derives from the main RNG), so library code using them is not cloned across
     workers. The augmentations themselves are seeded per sample (see SeededBatches)."""
+    die_with_parent()
     seed = torch.initial_seed() % (2 ** 32)
     np.random.seed(seed)
     random.seed(seed)

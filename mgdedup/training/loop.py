@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from mgdedup.cpus import die_with_parent
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import write_text
 from mgdedup.model.batchnorm import fold_batchnorm
@@ -771,7 +772,8 @@ class Trainer:
         dataset = EvalImages(files, self.config.resolution)
         indices = list(range(self.world.rank, len(dataset), self.world.world_size))
         loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=VAL_BATCH,
-                            num_workers=self.config.workers, collate_fn=collate_eval)
+                            num_workers=self.config.workers, collate_fn=collate_eval,
+                            worker_init_fn=die_with_parent)
         counts = torch.zeros(3, dtype=torch.float64, device=self.device)
         for images, labels in loader:
             if images.numel() == 0:

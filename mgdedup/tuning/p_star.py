@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from mgdedup.cpus import die_with_parent
 from mgdedup.embedding.batching import as_list, shape_groups
 from mgdedup.embedding.embedder import default_workers
 from mgdedup.errors import MgdedupError
@@ -90,7 +91,7 @@ def gem_grid(model: MultiGrainModel, inaug: InaugSet, resolution: int, grid: Seq
     workers = default_workers() if workers is None else workers
     per_batch = max(1, batch_size // inaug.copies)
     loader = DataLoader(_SafeTensors(inaug, resolution), batch_size=per_batch,
-                        num_workers=workers, collate_fn=as_list,
+                        num_workers=workers, collate_fn=as_list, worker_init_fn=die_with_parent,
                         prefetch_factor=2 if workers else None)
     for items in loader:
         rows, tensors = [], []
