@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mgdedup.imaging.synthetic import PlantedCollection, make_collection
+from mgdedup.files.digest import file_digest
+from mgdedup.imaging.synthetic import PlantedCollection, make_collection, random_scene
+from mgdedup.index.layout import IndexDir
+from mgdedup.index.store import IndexStore
 
 
 @pytest.fixture
@@ -52,8 +57,6 @@ def family_of(collection: PlantedCollection) -> dict[str, int]:
 
 
 def copy_tree(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".mgdedup"))
     return dst
 
@@ -66,3 +69,61 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
                      127 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)], axis=-1)
     base += rng.standard_normal(base.shape, dtype=np.float32) * 12
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+# --- a small indexed library to act on (actions, undo, crash safety) --------------------------
+ORIGINALS = 3
+
+
+@pytest.fixture(scope="module")
+def action_template(tmp_path_factory) -> Path:
+    """photos/ with generated scenes, exact copies in sub/deep/ and resized JPEGs in small/, indexed
+    ONCE; tests work on copies of this folder."""
+    from mgdedup.index.build import update_index
+    from mgdedup.model.registry import load_model
+
+    base = tmp_path_factory.mktemp("template")
+    root = base / "photos"
+    (root / "sub" / "deep").mkdir(parents=True)
+    (root / "small").mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(ORIGINALS):
+        image = random_scene(rng, (256, 192))
+        image.save(root / f"a{i}.png")
+        shutil.copy2(root / f"a{i}.png", root / "sub" / "deep" / f"a{i}.png")
+        image.resize((128, 96), Image.BILINEAR).save(root / "small" / f"a{i}.jpg", quality=90)
+    update_index([root], root / ".mgdedup", load_model(), "default", 224, workers=0)
+    return base
+
+
+@pytest.fixture
+def lib(action_template, tmp_path) -> tuple[Path, Path]:
+    """A private copy of the indexed folder (mtimes kept) whose index points at the copy."""
+    base = tmp_path / "lib"
+    shutil.copytree(action_template, base, symlinks=True)
+    root, index_dir = base / "photos", base / "photos" / ".mgdedup"
+    with IndexStore.open(IndexDir(index_dir).embeddings, mode="a") as store:
+        store.set_roots([str(root)])
+    return root, index_dir
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry below root (index folder excluded): digest and mtime, or a link target."""
+    out: dict[str, tuple] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".mgdedup"]
+        for name in files:
+            path = Path(folder, name)
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                out[rel] = ("link", os.readlink(path))
+            else:
+                out[rel] = (file_digest(path), path.stat().st_mtime_ns, path.stat().st_ino)
+    return out
+
+
+def content(snap: dict[str, tuple]) -> dict[str, tuple]:
+    """A snapshot without inode numbers (a restored file may be a new inode after a copy)."""
+    return {k: v[:2] for k, v in snap.items()}
+
+

@@ -9,9 +9,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import ORIGINALS, content, snapshot
 
 from mgdedup.duplicates.actions.apply import apply_plan
 from mgdedup.duplicates.actions.kinds import SKIP, Action
@@ -21,63 +20,6 @@ from mgdedup.duplicates.actions.undo import latest_manifest, undo
 from mgdedup.duplicates.find import DedupResult, find_duplicates
 from mgdedup.errors import MgdedupError
 from mgdedup.files.digest import file_digest
-from mgdedup.imaging.synthetic import random_scene
-from mgdedup.index.layout import IndexDir
-from mgdedup.index.store import IndexStore
-
-ORIGINALS = 3
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    """photos/ with generated scenes, exact copies in sub/deep/ and resized JPEGs in small/, indexed
-    ONCE; tests work on copies of this folder."""
-    from mgdedup.index.build import update_index
-    from mgdedup.model.registry import load_model
-
-    base = tmp_path_factory.mktemp("template")
-    root = base / "photos"
-    (root / "sub" / "deep").mkdir(parents=True)
-    (root / "small").mkdir()
-    rng = np.random.default_rng(7)
-    for i in range(ORIGINALS):
-        image = random_scene(rng, (256, 192))
-        image.save(root / f"a{i}.png")
-        shutil.copy2(root / f"a{i}.png", root / "sub" / "deep" / f"a{i}.png")
-        image.resize((128, 96), Image.BILINEAR).save(root / "small" / f"a{i}.jpg", quality=90)
-    update_index([root], root / ".mgdedup", load_model(), "default", 224, workers=0)
-    return base
-
-
-@pytest.fixture
-def lib(template, tmp_path) -> tuple[Path, Path]:
-    """A private copy of the indexed folder (mtimes kept) whose index points at the copy."""
-    base = tmp_path / "lib"
-    shutil.copytree(template, base, symlinks=True)
-    root, index_dir = base / "photos", base / "photos" / ".mgdedup"
-    with IndexStore.open(IndexDir(index_dir).embeddings, mode="a") as store:
-        store.set_roots([str(root)])
-    return root, index_dir
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry below root (index folder excluded): digest and mtime, or a link target."""
-    out: dict[str, tuple] = {}
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != ".mgdedup"]
-        for name in files:
-            path = Path(folder, name)
-            rel = str(path.relative_to(root))
-            if path.is_symlink():
-                out[rel] = ("link", os.readlink(path))
-            else:
-                out[rel] = (file_digest(path), path.stat().st_mtime_ns, path.stat().st_ino)
-    return out
-
-
-def content(snap: dict[str, tuple]) -> dict[str, tuple]:
-    """A snapshot without inode numbers (a restored file may be a new inode after a copy)."""
-    return {k: v[:2] for k, v in snap.items()}
 
 
 def keepers_of(result: DedupResult) -> list[Path]:

@@ -163,14 +163,15 @@ def _act(where: Path, result: DedupResult, action: Action, to: Path | None, appl
 
     steps = plan_actions(where, result, action,
                          to.expanduser() if to is not None else None, permanent)
-    say(f"index: {where}")
     if not apply:
+        say(f"index: {where}")
         for line in describe_plan(steps):
             typer.echo(printable(line))
         say(f"dry run: nothing changed; add --apply to {action.value} "
                   f"{sum(s.kind != SKIP for s in steps)} files")
         return
     report = apply_plan(steps, where)
+    say(f"index: {where}")
     for message in report.messages:
         say(message)
     say(f"{report.done} done, {report.skipped} skipped, {report.failed} failed"

@@ -22,8 +22,8 @@ announces starts (format version 2):
   "reason": TEXT}`` (a failed step moved nothing).
 
 Version 1 files (one line per completed step, no header) are read too. A line that cannot be
-read (a torn last line after a crash, a hand-edited entry) is reported and passed over; the
-other steps are still undone.
+read (a hand-edited entry) is reported and passed over, and the other steps are still undone;
+a torn last line (the run was killed while writing it) announced a step that never started.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class ReadManifest:
     header: dict[str, Any] | None
     steps: list[RecordedStep] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # lines passed over, and why
+    #: a torn last line: written while the run was killed, so it announced nothing that
+    #: happened (a step starts only once its intent is whole on disk)
+    torn_last_line: int | None = None
 
     @property
     def roots(self) -> list[Path] | None:
@@ -213,8 +216,7 @@ def read_manifest(path: Path) -> ReadManifest:
                 by_number[number] = _step(entry, number, "done")
         except (ValueError, KeyError, TypeError) as error:
             if last and not complete:
-                result.problems.append(f"line {index} is incomplete (the run was interrupted "
-                                       "while writing it)")
+                result.torn_last_line = index
             else:
                 result.problems.append(f"line {index} passed over: {error}")
     result.steps = sorted(by_number.values(), key=lambda s: (s.number >= 0, abs(s.number)))

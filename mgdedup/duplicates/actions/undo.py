@@ -88,6 +88,10 @@ def undo(manifest: Path) -> UndoReport:
     for problem in read.problems:
         report.skipped += 1
         report.messages.append(f"{manifest}: {problem}")
+    if read.torn_last_line is not None:
+        report.messages.append(f"{manifest}: line {read.torn_last_line} is incomplete (the run "
+                               "was killed while writing it; the step it announced never "
+                               "started)")
     with IndexLock(index_dir, command="undo"):
         for step in reversed(read.steps):
             _undo_counted(step, roots, report)
