@@ -86,7 +86,7 @@ def test_round_trip_every_column(h5: Path) -> None:
         assert f.attrs["format"] == "mgdedup-index"
         assert f.attrs["format_version"] == 2
         assert f.attrs["rows"] == len(batch)  # committed rows: written after the data
-        assert f["embeddings"].compression is None
+        assert f["embeddings"].compression is None and f["embeddings"].fletcher32
         assert f["embeddings"].maxshape == (None, DIM)
         assert f["digest"].dtype == np.dtype("S32")
         assert f["paths"].asstr()[0] == batch.paths[0]

@@ -150,7 +150,7 @@ class EmbeddingCache:
         roots = store.meta.roots
         found = {}
         for row, (r, rel, size, mtime) in enumerate(zip(
-                store.read("root").tolist(), store.read("paths"),
+                store.root_ids().tolist(), store.read("paths"),
                 store.read("size").tolist(), store.read("mtime_ns").tolist())):
             found[(roots[r], str(rel))] = (row, size, mtime)
         return found

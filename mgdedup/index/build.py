@@ -188,7 +188,7 @@ def _known_files(h5_path: Path, rebuild: bool) -> dict[tuple[str, str], tuple[in
         with IndexStore.open(h5_path) as store:
             roots = store.meta.roots
             return {(roots[r], rel): (size, mtime) for r, rel, size, mtime in zip(
-                store.read("root").tolist(), store.read("paths").tolist(),
+                store.root_ids().tolist(), store.read("paths").tolist(),
                 store.read("size").tolist(), store.read("mtime_ns").tolist())}
     except MgdedupError:
         return {}  # unreadable now: the update under the lock reports it
@@ -287,6 +287,10 @@ def _open_checked(h5_path: Path) -> IndexStore:
         store.absolute_paths()
         for name in ("size", "mtime_ns", "digest"):
             store.read(name)
+        if store.interrupted:  # a run died mid-append: write the committed rows afresh
+            log.warning("the last run on %s was interrupted while writing; rewriting its "
+                        "rows", h5_path)
+            store.compact()
     except BaseException:
         store.close()
         raise
@@ -311,7 +315,7 @@ def _plan(store: IndexStore, files: list[ScannedFile],
     """Which files to embed, which rows are stale (deleted or changed), how many are kept."""
     roots = store.meta.roots
     rels = store.read("paths")
-    root_ids = store.read("root")
+    root_ids = store.root_ids()
     sizes = store.read("size")
     mtimes = store.read("mtime_ns")
     existing = {(roots[r], rel): i for i, (r, rel) in enumerate(zip(root_ids, rels))}

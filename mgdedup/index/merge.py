@@ -145,7 +145,7 @@ def _rows_to_keep(stores: list[IndexStore]) -> list[np.ndarray]:
     for k, store in enumerate(stores):
         roots = store.meta.roots
         mtimes = store.read("mtime_ns").tolist()
-        for row, (r, rel) in enumerate(zip(store.read("root").tolist(), store.read("paths"))):
+        for row, (r, rel) in enumerate(zip(store.root_ids().tolist(), store.read("paths"))):
             key = (roots[r], rel)
             seen = best.get(key)
             if seen is None:

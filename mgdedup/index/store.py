@@ -28,6 +28,7 @@ for the ``paths`` strings; batches of a few hundred rows keep that overhead smal
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -73,7 +74,13 @@ _COLUMNS: dict[str, Any] = {
 DATASETS = (*_COLUMNS, "embeddings")
 #: root attribute: rows committed (written last by each append)
 ROWS_ATTR = "rows"
+#: root attribute present while an append is under way (its starting row): found on opening,
+#: it says a writer died mid-append, whose half-written data (HDF5 heap blocks included)
+#: must not be appended to; `interrupted` tells, `compact` cleans
+APPENDING_ATTR = "appending"
 _SCALAR_CHUNK_ROWS = 4096
+#: free space kept beyond the chunks an append allocates: HDF5's metadata and heap blocks
+_SPACE_MARGIN = 128 * 1024
 _EMBEDDING_CHUNK_BYTES = 256 * 1024
 _COPY_BLOCK_BYTES = 64 * 1024 * 1024
 
@@ -234,6 +241,10 @@ def _read_meta(f: h5py.File, path: Path) -> IndexMeta:
     except (KeyError, ValueError, TypeError) as exc:
         raise DamagedIndex(f"index file is corrupt: {path} (bad attribute: "
                            f"{one_line(exc)})") from exc
+    sealed = attrs.get(META_DIGEST_ATTR)
+    if sealed is not None and str(sealed) != _meta_digest(f):
+        raise DamagedIndex(f"index file is corrupt: {path} (its attributes were changed or "
+                           "damaged)")
     for name in DATASETS:
         if name not in f:
             raise DamagedIndex(f"index file is corrupt: {path} (missing dataset {name!r})")
@@ -279,15 +290,40 @@ def _write_meta(f: h5py.File, meta: IndexMeta) -> None:
             f.attrs[name] = str(value)
         elif name in f.attrs:
             del f.attrs[name]
+    _seal_meta(f)
+
+
+#: root attribute: digest of the attributes that say what the rows are (`_seal_meta`)
+META_DIGEST_ATTR = "meta_digest"
+_SEALED_ATTRS = ("format", "model_id", "model_name", "resolution", "p", "whitening_id", "dim",
+                 "roots", "threshold", "factory", "shard")
+
+
+def _meta_digest(f: h5py.File) -> str:
+    """blake2b of the attributes that give the rows their meaning: HDF5 checks none of its
+    metadata, so a damaged model id or root list would otherwise pass for another index."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in _SEALED_ATTRS:
+        value = f.attrs.get(name)
+        digest.update(f"{name}={value!r};".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _seal_meta(f: h5py.File) -> None:
+    f.attrs[META_DIGEST_ATTR] = _meta_digest(f)
 
 
 def _create_datasets(f: h5py.File, dim: int, rows: int = 0) -> None:
+    """Every fixed-size column chunked with a Fletcher-32 checksum per chunk (HDF5 allows none
+    on the variable-length paths, whose damaged heap fails reads by itself): damaged bytes make
+    reads fail (then `salvage`) instead of returning wrong descriptors. The checksum keeps chunks
+    the same size, so rewritten chunks stay in place (no growth, unlike compression)."""
     for name, dtype in _COLUMNS.items():
         f.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=dtype,
-                         chunks=(_SCALAR_CHUNK_ROWS,))
-    chunk_rows = int(np.clip(_EMBEDDING_CHUNK_BYTES // (4 * dim), 16, 65536))
+                         chunks=(_SCALAR_CHUNK_ROWS,), fletcher32=name != "paths")
+    chunk_rows = _embedding_chunk_rows(dim)
     f.create_dataset("embeddings", shape=(rows, dim), maxshape=(None, dim), dtype=np.float32,
-                     chunks=(chunk_rows, dim))
+                     chunks=(chunk_rows, dim), fletcher32=True)
 
 
 def _file_id(path: Path) -> tuple[int, int]:
@@ -352,6 +388,12 @@ class IndexStore:
             self._meta = _read_meta(f, self.path)
             self._n = _row_count(f)
             self._file_id = _file_id(self.path)
+            self._interrupted = APPENDING_ATTR in f.attrs
+
+    @property
+    def interrupted(self) -> bool:
+        """A writer died in the middle of an append (its committed rows are intact)."""
+        return self._interrupted
 
     def close(self) -> None:
         """Nothing is held between calls; closing only forbids further use."""
@@ -390,6 +432,7 @@ class IndexStore:
                                  f"roots given")
             f.attrs["roots"] = json.dumps(roots)
             f.attrs["updated"] = _now()
+            _seal_meta(f)
         self._meta.roots = roots
 
     def set_options(self, *, factory: str | None = None, shard: str | None = None) -> None:
@@ -406,6 +449,7 @@ class IndexStore:
                 elif name in f.attrs:
                     del f.attrs[name]
             f.attrs["updated"] = _now()
+            _seal_meta(f)
         self._meta.factory, self._meta.shard = factory, shard
 
     # --- writing ---------------------------------------------------------------------------
@@ -419,8 +463,11 @@ class IndexStore:
         k = len(batch)
         if k == 0:
             return
+        self._ensure_space(batch)
         with self._h5("a") as f:
             n = _row_count(f)  # another writer may have appended since we last looked
+            f.attrs[APPENDING_ATTR] = n  # cleared once committed: a kill leaves it set
+            f.flush()
             for name in _COLUMNS:  # rows past the committed count are overwritten
                 ds = f[name]
                 ds.resize((n + k,))
@@ -433,8 +480,25 @@ class IndexStore:
             f.attrs[ROWS_ATTR] = n + k
             f.attrs["format_version"] = FORMAT_VERSION  # a version 1 file is upgraded
             f.attrs["updated"] = _now()
+            del f.attrs[APPENDING_ATTR]
             f.flush()
         self._n = n + k
+
+    def _ensure_space(self, batch: RowBatch) -> None:
+        """Refuse an append the disk cannot hold, before HDF5 starts it: a write that fails
+        half-way leaves HDF5's in-memory state broken (its errors then surface while objects
+        are freed, and can crash the process)."""
+        needed = _append_bytes(self._n, batch) + _SPACE_MARGIN
+        try:
+            st = os.statvfs(self.path.parent)
+        except (OSError, AttributeError):  # no statvfs (Windows): HDF5's own error then
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < needed:
+            raise MgdedupError(f"no space left on device for the index {self.path} "
+                               f"({free / 1e6:.1f} MB free, about {needed / 1e6:.1f} MB needed); "
+                               "free some space and run the command again: finished batches "
+                               "are kept")
 
     def remove_rows(self, indices: Sequence[int] | np.ndarray) -> None:
         """Drop rows (deleted files) by rewriting the file compactly; later rows move up."""
@@ -468,7 +532,8 @@ class IndexStore:
             with replacing(self.path, "index file") as tmp, \
                     h5py.File(tmp, "w", locking="best-effort") as dst:
                 for key, value in src.attrs.items():
-                    dst.attrs[key] = value
+                    if key != APPENDING_ATTR:
+                        dst.attrs[key] = value
                 dst.attrs["updated"] = _now()
                 dst.attrs["format_version"] = FORMAT_VERSION
                 dst.attrs[ROWS_ATTR] = n_keep  # written after the rows, as the file is renamed
@@ -541,11 +606,15 @@ class IndexStore:
     def absolute_paths(self) -> list[str]:
         """Files of every row, in row order."""
         roots = self._meta.roots
+        return [_join(roots[r], p) for r, p in zip(self.root_ids().tolist(), self.read("paths"))]
+
+    def root_ids(self) -> np.ndarray:
+        """The ``root`` column, each value checked to name one of the index's roots."""
         root_ids = self.read("root")
-        if len(root_ids) and (root_ids.min() < 0 or root_ids.max() >= len(roots)):
+        if len(root_ids) and (root_ids.min() < 0 or root_ids.max() >= len(self._meta.roots)):
             raise DamagedIndex(f"index file is corrupt: {self.path} (a row names a root "
-                               f"outside the {len(roots)} it lists)")
-        return [_join(roots[r], p) for r, p in zip(root_ids.tolist(), self.read("paths"))]
+                               f"outside the {len(self._meta.roots)} it lists)")
+        return root_ids
 
     # --- plumbing --------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -592,6 +661,26 @@ class IndexStore:
         with self._h5("r") as f:
             self._check_same_file()
             yield f
+
+
+def _embedding_chunk_rows(dim: int) -> int:
+    return int(np.clip(_EMBEDDING_CHUNK_BYTES // (4 * dim), 16, 65536))
+
+
+def _append_bytes(n: int, batch: RowBatch) -> int:
+    """Bytes appending `batch` after row n can allocate: the new chunks of each column and
+    the path strings' heap."""
+    def new_chunks(chunk_rows: int) -> int:
+        k = len(batch)
+        return -(-(n + k) // chunk_rows) - (-(-n // chunk_rows))
+
+    total = 0
+    for name, dtype in _COLUMNS.items():
+        item = 16 if name == "paths" else np.dtype(dtype).itemsize  # vlen: a heap reference
+        total += new_chunks(_SCALAR_CHUNK_ROWS) * _SCALAR_CHUNK_ROWS * item
+    total += new_chunks(_embedding_chunk_rows(batch.dim)) * _EMBEDDING_CHUNK_BYTES
+    total += sum(len(p.encode("utf-8", "surrogateescape")) + 16 for p in batch.paths)
+    return total
 
 
 def _hdf5_reason(exc: BaseException) -> str:
