@@ -263,13 +263,14 @@ class OnnxTrunk:
         """The one weights file every class's graph of this model refers to."""
         return self.cache / f"{self.fingerprint}-v{GRAPH_VERSION}.weights"
 
-    def _write_checked(self, key: tuple[tuple[int, ...], tuple[int, ...]]) -> Any:
+    def _write_checked(self, key: tuple[tuple[int, ...], tuple[int, ...]],
+                       rewrite_weights: bool = False) -> Any:
         """Write the graph of a class, check it against PyTorch, keep the file only if good."""
         path, weights = self.model_path(key), self.weights_path()
         log.info("writing ONNX graph %s", path)
         graph, blob = split_weights(build_lite0_graph(self.trunk, key), weights.name)
         wrote_weights = False
-        if not weights.is_file() or weights.stat().st_size != len(blob):
+        if rewrite_weights or not weights.is_file() or weights.stat().st_size != len(blob):
             write_bytes(weights, blob, "ONNX weights")
             wrote_weights = True
         write_bytes(path, graph, "ONNX graph")
@@ -310,14 +311,13 @@ class OnnxTrunk:
             self.sessions.popitem(last=False)
         path = self.model_path(key)
         weights = self.weights_path()
-        if path.is_file() and not (_sealed(path) and _sealed(weights)):
-            log.warning("cached ONNX graph %s or its weights changed since they were checked; "
-                        "writing them again", path)
-            path.unlink(missing_ok=True)
-            if not _sealed(weights):
-                weights.unlink(missing_ok=True)
         if not path.is_file():
             session = self._write_checked(key)
+        elif not (_sealed(path) and _sealed(weights)):
+            # replaced atomically, never deleted: other processes may be loading these files
+            log.warning("cached ONNX graph %s or its weights differ from what was checked; "
+                        "writing them again", path)
+            session = self._write_checked(key, rewrite_weights=not _sealed(weights))
         else:
             try:
                 session = self._new_session(path)
