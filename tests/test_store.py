@@ -280,14 +280,18 @@ def test_rows_written_but_not_committed_are_never_seen(h5: Path) -> None:
 def test_version_1_index_is_read_and_upgraded_when_written(h5: Path) -> None:
     batch = make_batch(6)
     IndexStore.create(h5, make_meta()).append(batch)
-    with h5py.File(h5, "a") as f:  # as mgdedup wrote it before committed row counts
+    with h5py.File(h5, "a") as f:  # as mgdedup wrote it: no row count, no hashes
         f.attrs["format_version"] = 1
-        del f.attrs["rows"]
+        del f.attrs["rows"], f["phash"]
     old = IndexStore.open(h5)
     assert len(old) == 6 and old.read("paths").tolist() == batch.paths
-    IndexStore.open(h5, "a").append(make_batch(2, 6))
+    assert (old.read("phash") == np.uint64(2 ** 64 - 1)).all()  # hashes unknown
+    new = make_batch(2, 6)
+    new.phash = np.array([5, 7], np.uint64)
+    IndexStore.open(h5, "a").append(new)
     with h5py.File(h5, "r") as f:
         assert f.attrs["format_version"] == 2 and f.attrs["rows"] == 8
+        assert f["phash"][:].tolist() == [2 ** 64 - 1] * 6 + [5, 7]
 
 
 def test_undecodable_names_are_stored_losslessly(h5: Path) -> None:

@@ -357,11 +357,11 @@ def test_a_fifo_where_an_indexed_file_was_never_hangs_a_command(tmp_path):
 SLOW_INDEX = textwrap.dedent("""
     import sys, time
     import mgdedup.embedding.embedder as embedder
-    real = embedder.load_for_embedding
+    real = embedder.load_for_index
     def slow(*args, **kwargs):
         time.sleep(0.5)
         return real(*args, **kwargs)
-    embedder.load_for_embedding = slow  # the workers (forked) decode slowly too
+    embedder.load_for_index = slow  # the workers (forked) decode slowly too
     from mgdedup.index.build import update_index
     from mgdedup.model.registry import load_model
     update_index([sys.argv[1]], sys.argv[2], load_model(), "efficientnet-lite0", 64, workers=2)

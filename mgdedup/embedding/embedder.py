@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,9 @@ from mgdedup.embedding.batching import as_item, as_list, shape_groups
 from mgdedup.embedding.onnx_trunk import OnnxTrunk
 from mgdedup.errors import MgdedupError
 from mgdedup.files.digest import file_digest
+from mgdedup.imaging.perceptual_hash import UNKNOWN as UNKNOWN_HASH
 from mgdedup.imaging.reading import ImageReadError
-from mgdedup.imaging.transforms import load_for_embedding
+from mgdedup.imaging.transforms import load_for_index
 from mgdedup.model.multigrain import Descriptors, MultiGrainModel, for_inference
 from mgdedup.model.pooling import gem as gem_pool
 
@@ -57,6 +58,7 @@ class DecodedImage:
     # (C,) when computed in the worker: numpy, pickled by value (a torch tensor would travel
     # as one shared-memory segment and file descriptor per image)
     gem: np.ndarray | None = None
+    phash: int = int(UNKNOWN_HASH)  # of the whole decoded image
 
     @property
     def readable(self) -> bool:
@@ -73,6 +75,7 @@ class EmbeddedBatch:
     descriptors: Descriptors
     errors: list[tuple[int, str]]
     gem: Tensor | None = None  # (B, C) raw GeM vectors, when asked for (exact classification)
+    phashes: list[int] = field(default_factory=list)  # perceptual hash per readable image
 
 
 class WorkerForward:
@@ -130,13 +133,13 @@ class ImageFiles(Dataset):
     def __getitem__(self, position: int) -> DecodedImage:
         path = self.paths[position]
         try:
-            tensor, size = load_for_embedding(path, self.resolution)
+            tensor, size, hashed = load_for_index(path, self.resolution)
             digest = file_digest(path) if self.digest else ""
         except ImageReadError as error:
             return DecodedImage(position, None, (0, 0), "", str(error))
         except OSError as error:
             return DecodedImage(position, None, (0, 0), "", f"cannot read file: {error.strerror}")
-        item = DecodedImage(position, tensor, size, digest)
+        item = DecodedImage(position, tensor, size, digest, phash=int(hashed))
         return self.forward(item) if self.forward is not None else item
 
 
@@ -279,6 +282,7 @@ class Embedder:
             yield EmbeddedBatch(positions=[item.position for item in good],
                                 sizes=[item.size for item in good],
                                 digests=[item.digest for item in good],
+                                phashes=[item.phash for item in good],
                                 descriptors=descriptors, errors=errors,
                                 gem=gem if keep_gem and good else None)
             if on_progress is not None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mgdedup.imaging.perceptual_hash import UNKNOWN, phash
 from mgdedup.imaging.reading import open_rgb
 
 CROP_RESOLUTION_MAX = 224
@@ -88,6 +89,15 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def load_for_embedding(path: str | Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """File -> (3, H, W) tensor for s* and the original upright (w, h); ImageReadError if bad."""
+    tensor, orig_size, _ = load_for_index(path, resolution, with_hash=False)
+    return tensor, orig_size
+
+
+def load_for_index(path: str | Path, resolution: int, with_hash: bool = True
+                   ) -> tuple[torch.Tensor, tuple[int, int], np.uint64]:
+    """What `index` stores of a file besides its descriptor: the (3, H, W) tensor for s*, the
+    original upright (w, h) and the perceptual hash of the whole image (before any crop)."""
     img, orig_size = open_rgb(path, lambda size: decode_size_for(size, resolution))
+    hashed = phash(img) if with_hash else UNKNOWN
     img = resize_for_resolution(img, resolution, orig_size)
-    return to_tensor(img), orig_size
+    return to_tensor(img), orig_size, hashed

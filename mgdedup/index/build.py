@@ -126,12 +126,13 @@ def check_compatible(found: IndexMeta, wanted: IndexMeta, index_dir: Path) -> No
 
         raise MgdedupError(f"{index_dir} holds {what(found.shard)}; this run asks for "
                            f"{what(wanted.shard)}: use another --out (or --rebuild)")
-    if found.mismatch(wanted) is not None:
+    why = found.mismatch(wanted)
+    if why is not None:
         raise MgdedupError(
             f"{index_dir} holds descriptors of model {found.model_name} at resolution "
             f"{found.resolution} (p*={found.p:g}); this run asks for {wanted.model_name} at "
-            f"{wanted.resolution} (p*={wanted.p:g}): use --rebuild to replace it or --out for "
-            "a separate index"
+            f"{wanted.resolution} (p*={wanted.p:g}), and their {why}: use --rebuild to "
+            "replace it or --out for a separate index"
         )
 
 
@@ -350,6 +351,7 @@ def _rows(batch: EmbeddedBatch, files: list[ScannedFile], root_index: dict[str, 
         width=np.array([w for w, _ in batch.sizes], dtype=np.int32),
         height=np.array([h for _, h in batch.sizes], dtype=np.int32),
         embeddings=d.descriptors, gem_norm=d.gem_norm, white_norm=d.white_norm,
+        phash=np.array(batch.phashes, dtype=np.uint64),
     )
 
 

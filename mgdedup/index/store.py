@@ -45,6 +45,7 @@ import numpy as np
 
 from mgdedup.errors import MgdedupError, one_line
 from mgdedup.files.atomic import replacing
+from mgdedup.imaging.perceptual_hash import UNKNOWN as UNKNOWN_HASH
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -70,8 +71,19 @@ _COLUMNS: dict[str, Any] = {
     "height": np.int32,
     "gem_norm": np.float32,
     "white_norm": np.float32,
+    "phash": np.uint64,
 }
 DATASETS = (*_COLUMNS, "embeddings")
+#: columns added after the first files were written: a file without one reads it as its
+#: `_missing` value, and gets it (that value for the old rows) when it is next written
+ADDED_COLUMNS = ("phash",)
+
+
+def _missing(name: str, rows: int) -> np.ndarray:
+    """The values of an added column a file lacks."""
+    if name == "phash":
+        return np.full(rows, UNKNOWN_HASH, np.uint64)
+    raise KeyError(name)
 #: root attribute: rows committed (written last by each append)
 ROWS_ATTR = "rows"
 #: root attribute present while an append is under way (its starting row): found on opening,
@@ -137,6 +149,8 @@ class RowBatch:
     embeddings: np.ndarray
     gem_norm: np.ndarray
     white_norm: np.ndarray
+    #: (N,) uint64 perceptual hashes (`mgdedup.imaging.perceptual_hash`); None: unknown
+    phash: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         """Coerce to the on-disk dtypes and refuse ragged or lossy input early, before a
@@ -148,6 +162,9 @@ class RowBatch:
                             ("width", np.int32), ("height", np.int32),
                             ("gem_norm", np.float32), ("white_norm", np.float32)):
             setattr(self, name, _coerce(name, getattr(self, name), dtype, (n,)))
+        if self.phash is None:
+            self.phash = np.full(n, UNKNOWN_HASH, np.uint64)
+        self.phash = _coerce("phash", self.phash, np.uint64, (n,))
         emb = np.asarray(self.embeddings)
         if emb.ndim != 2 or emb.shape[0] != n:
             raise ValueError(f"embeddings must be ({n}, dim), got {emb.shape}")
@@ -246,7 +263,7 @@ def _read_meta(f: h5py.File, path: Path) -> IndexMeta:
         raise DamagedIndex(f"index file is corrupt: {path} (its attributes were changed or "
                            "damaged)")
     for name in DATASETS:
-        if name not in f:
+        if name not in f and name not in ADDED_COLUMNS:
             raise DamagedIndex(f"index file is corrupt: {path} (missing dataset {name!r})")
     if f["embeddings"].ndim != 2 or f["embeddings"].shape[1] != meta.dim:
         raise DamagedIndex(f"index file is corrupt: {path} (embeddings are not N x {meta.dim})")
@@ -257,7 +274,7 @@ def _row_count(f: h5py.File) -> int:
     """The committed rows: ``rows`` is written only after a batch's every column is written
     and flushed, so rows a writer was still writing when it died (or a full disk stopped) are
     never seen. A version 1 file has no ``rows``: the rows every column has."""
-    lengths = {name: f[name].shape[0] for name in DATASETS}
+    lengths = {name: f[name].shape[0] for name in DATASETS if name in f}
     n = min(lengths.values())
     committed = f.attrs.get(ROWS_ATTR)
     if committed is not None:
@@ -311,6 +328,16 @@ def _meta_digest(f: h5py.File) -> str:
 
 def _seal_meta(f: h5py.File) -> None:
     f.attrs[META_DIGEST_ATTR] = _meta_digest(f)
+
+
+def _add_missing_columns(f: h5py.File, rows: int) -> None:
+    """Upgrade an older file: the added columns it lacks, with their `_missing` values."""
+    for name in ADDED_COLUMNS:
+        if name not in f:
+            f.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=_COLUMNS[name],
+                             chunks=(_SCALAR_CHUNK_ROWS,), fletcher32=True)
+            if rows:
+                f[name][:rows] = _missing(name, rows)
 
 
 def _create_datasets(f: h5py.File, dim: int, rows: int = 0) -> None:
@@ -467,6 +494,7 @@ class IndexStore:
         with self._h5("a") as f:
             n = _row_count(f)  # another writer may have appended since we last looked
             f.attrs[APPENDING_ATTR] = n  # cleared once committed: a kill leaves it set
+            _add_missing_columns(f, n)
             f.flush()
             for name in _COLUMNS:  # rows past the committed count are overwritten
                 ds = f[name]
@@ -545,7 +573,8 @@ class IndexStore:
                     if m == 0:
                         continue
                     for name in DATASETS:
-                        dst[name][out:out + m] = src[name][start:start + len(mask)][mask]
+                        dst[name][out:out + m] = src[name][start:start + len(mask)][mask] \
+                            if name in src else _missing(name, m)
                     out += m
         finally:
             src.close()
@@ -563,6 +592,8 @@ class IndexStore:
         if name not in DATASETS:
             raise ValueError(f"unknown column {name!r}; columns: {', '.join(DATASETS)}")
         with self._reading() as f:
+            if name not in f:  # an added column an older file lacks
+                return _missing(name, self._n)[rows if rows is not None else slice(None)]
             ds = f[name]
             if name == "paths":
                 ds = ds.asstr(errors="surrogateescape")
@@ -589,7 +620,8 @@ class IndexStore:
         start, stop, _ = slice(start, stop).indices(self._n)
         stop = max(start, stop)
         with self._reading() as f:
-            cols = {name: f[name][start:stop] for name in _COLUMNS if name != "paths"}
+            cols = {name: f[name][start:stop] for name in _COLUMNS
+                    if name != "paths" and name in f}
             cols["paths"] = list(f["paths"].asstr(errors="surrogateescape")[start:stop])
             cols["digest"] = [d.decode("ascii") for d in cols["digest"]]
             cols["embeddings"] = f["embeddings"][start:stop]
@@ -745,7 +777,7 @@ def salvage(path: str | os.PathLike[str]) -> tuple[int | None, Path]:
 
 def _read_block(f: h5py.File, start: int, stop: int, meta: IndexMeta) -> RowBatch:
     """Rows [start, stop) of an open file, checked as an append would check them."""
-    cols = {name: f[name][start:stop] for name in _COLUMNS if name != "paths"}
+    cols = {name: f[name][start:stop] for name in _COLUMNS if name != "paths" and name in f}
     cols["paths"] = list(f["paths"].asstr(errors="surrogateescape")[start:stop])
     cols["digest"] = [d.decode("ascii") for d in cols["digest"]]
     cols["embeddings"] = f["embeddings"][start:stop]
