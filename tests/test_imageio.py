@@ -90,6 +90,30 @@ def test_rgba_composited_on_white(tmp_path):
     assert abs(r - 127) <= 1 and abs(g - 127) <= 1 and b == 255
 
 
+def test_light_content_on_transparency_is_flattened_onto_black(tmp_path):
+    # a white design drawn only in the alpha channel (as desktop overlays and logos are):
+    # on white it would vanish, and two different designs would be the same blank page
+    img = Image.new("RGBA", (4, 1), (255, 255, 255, 0))
+    img.putdata([(255, 255, 255, 0), (255, 255, 255, 255), (255, 255, 255, 51),
+                 (250, 250, 250, 0)])
+    img.save(tmp_path / "overlay.png")
+    rgb, _ = open_rgb(tmp_path / "overlay.png")
+    assert [rgb.getpixel((x, 0)) for x in range(4)] == [BLACK, WHITE, (51, 51, 51), BLACK]
+
+    other = Image.new("RGBA", (4, 1), (255, 255, 255, 0))
+    other.putdata([(255, 255, 255, 255)] + [(255, 255, 255, 0)] * 3)
+    other.save(tmp_path / "other.png")
+    assert open_rgb(tmp_path / "other.png")[0].tobytes() != rgb.tobytes()
+
+
+def test_dark_content_on_transparency_stays_on_white(tmp_path):
+    img = Image.new("RGBA", (3, 1))
+    img.putdata([(200, 200, 200, 255), (10, 10, 10, 255), (0, 0, 0, 0)])  # mean grey 105
+    img.save(tmp_path / "logo.png")
+    rgb, _ = open_rgb(tmp_path / "logo.png")
+    assert rgb.getpixel((2, 0)) == WHITE
+
+
 def test_la_and_pa_transparent_pixels_are_white(tmp_path):
     la = Image.new("LA", (2, 1))
     la.putdata([(0, 255), (0, 0)])

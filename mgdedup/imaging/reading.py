@@ -293,10 +293,12 @@ def _decode_reason(fmt: str | None, error: BaseException) -> str:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB as a person would see it on a white page.
+    """Any Pillow mode -> 8-bit RGB as a person would see it.
 
-    Transparent pixels become white (their stored colour is often black or garbage); 16/32-bit
-    and float greyscale are scaled by their real range instead of clipped at 255.
+    Transparent pixels become white (their stored colour is often black or garbage), or black
+    when what is visible is itself light (a white logo, a light wallpaper overlay: on white
+    paper it would vanish, and every such image would look blank and alike); 16/32-bit and
+    float greyscale are scaled by their real range instead of clipped at 255.
     """
     mode = im.mode
     if mode == "RGB" and "transparency" not in im.info:
@@ -305,7 +307,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return _high_depth_to_l(im).convert("RGB")
     if mode in _ALPHA_MODES or "transparency" in im.info:
         try:
-            return _on_white(im.convert("RGBA"))
+            return _flattened(im.convert("RGBA"))
         except ValueError:  # a mode Pillow cannot combine with its transparency key
             log.debug("ignoring transparency of a %s image", mode)
     if mode == "LAB":
@@ -316,13 +318,33 @@ def to_rgb(im: Image.Image) -> Image.Image:
         raise ImageReadError(f"unsupported pixel mode {mode}") from error
 
 
-def _on_white(rgba: Image.Image) -> Image.Image:
+#: mean grey level of the visible pixels above which they are flattened onto black
+LIGHT_CONTENT = 192.0
+_JUDGE_SIDE = 256
+
+
+def _flattened(rgba: Image.Image) -> Image.Image:
     alpha = rgba.getchannel("A")
     if alpha.getextrema()[0] == 255:
         return rgba.convert("RGB")
-    page = Image.new("RGB", rgba.size, (255, 255, 255))
+    page = Image.new("RGB", rgba.size, _page_colour(rgba))
     page.paste(rgba.convert("RGB"), mask=alpha)
     return page
+
+
+def _page_colour(rgba: Image.Image) -> tuple[int, int, int]:
+    """White, unless the visible pixels (weighted by their opacity) are light on average."""
+    small = rgba
+    if max(rgba.size) > _JUDGE_SIDE:
+        small = rgba.copy()
+        small.thumbnail((_JUDGE_SIDE, _JUDGE_SIDE), Image.Resampling.BOX)
+    pixels = np.asarray(small, np.float32).reshape(-1, 4)
+    weight = pixels[:, 3] / 255.0
+    if float(weight.sum()) < 1.0:
+        return (255, 255, 255)
+    grey = pixels[:, :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    light = float((grey * weight).sum() / weight.sum()) > LIGHT_CONTENT
+    return (0, 0, 0) if light else (255, 255, 255)
 
 
 def _high_depth_to_l(im: Image.Image, rows_per_block: int = 1024) -> Image.Image:
