@@ -187,7 +187,7 @@ def test_dedup_precision_uses_the_stored_calibration(own_index, monkeypatch):
     assert document["target_precision"] == 0.95
     assert all(m["score"] >= 0.7777 - 1e-6 for g in document["groups"] for m in g["members"])
     assert document["score"] == "sscd-normalised"
-    assert "calibrated for precision 0.95" in result.stderr
+    assert "precision 0.95 on this collection" in result.stderr
     cosine = runner.invoke(app, ["dedup", "--index", str(index_dir), "--precision", "0.95",
                                  "--no-score-norm", "--format", "json"], catch_exceptions=False)
     assert cosine.exit_code == 0, cosine.output

@@ -56,10 +56,12 @@ def test_dedup_finds_planted_copies_without_mixing(indexed, planted):
     result = run("dedup", "--index", indexed / ".mgdedup", "--format", "json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    from mgdedup.model.registry import load_model
+    from mgdedup.model.registry import DEFAULT_MODEL, copy_scorer_for, load_model
 
-    # the default threshold is the one measured for the model's descriptors at this resolution
-    threshold = load_model().default_threshold(500)
+    # the default: the copy score, at the threshold measured for the model at this resolution
+    whitening_id = load_model().whitening_for(500).identifier
+    threshold = copy_scorer_for(DEFAULT_MODEL, 500, whitening_id).default_threshold
+    assert document["score"] == "copy" and document["threshold_source"] == "measured"
     assert document["threshold"] == pytest.approx(threshold)
     family = _family(planted, indexed)
     found = set()
@@ -122,9 +124,12 @@ def test_reports_state_the_files_and_scores_as_they_are(indexed):
             assert path in table
             if entry["role"] == "member":
                 cosine = float(descriptors[path] @ descriptors[keeper])
-                assert entry["score"] == pytest.approx(cosine, abs=1e-5)
-                assert float(row["score"]) == pytest.approx(cosine, abs=1e-5)
-                assert f"{cosine:.3f}" in table
+                assert entry["cosine"] == pytest.approx(cosine, abs=1e-5)
+                assert float(row["cosine"]) == pytest.approx(cosine, abs=1e-5)
+                assert f"{cosine:.3f}" in table  # beside the copy score
+                assert document["threshold"] <= entry["score"] <= 1.0
+                assert float(row["score"]) == pytest.approx(entry["score"], abs=1e-6)
+                assert f"{entry['score']:.3f}" in table
             else:
                 assert path == keeper and row["role"] == "keeper"
 
@@ -243,7 +248,8 @@ def test_user_errors_are_one_line(tmp_path, planted, indexed):
     corrupt.write_bytes(b"\x00garbage" * 100)
     one_line_error(run("index", indexed, "--model", corrupt), "corrupt.pt")
     one_line_error(run("dedup", "--index", tmp_path / "nowhere"), "no mgdedup index")
-    one_line_error(run("index", indexed, "--resolution", "224"), "--rebuild")
+    one_line_error(run("index", indexed, "--resolution", "224"), "--rebuild",
+                   "resolution differs (500 vs 224)")
     if not torch.cuda.is_available():
         one_line_error(run("index", indexed, "--device", "cuda"), "no CUDA GPU")
 
@@ -289,7 +295,8 @@ def test_whiten_writes_a_model_that_indexes_and_classifies_exactly(planted, tmp_
     assert f"default threshold {threshold:g}" in result.stderr
     # an index of the default model refuses descriptors of the whitened one
     assert run("index", folder, "-r", "224", "--workers", "0").exit_code == 0
-    one_line_error(run("index", folder, "-r", "224", "--model", model_file), "--rebuild")
+    one_line_error(run("index", folder, "-r", "224", "--model", model_file), "--rebuild",
+                   "differs")
     rebuilt = run("index", folder, "-r", "224", "--model", model_file, "--rebuild",
                   "--workers", "0")
     assert rebuilt.exit_code == 0, rebuilt.output

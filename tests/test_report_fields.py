@@ -42,11 +42,12 @@ class Facts(HTMLParser):
         elif tag == "span" and "score" in classes:
             self.score_titles.append(attrs["title"])
         elif tag == "figure" and "image" in classes:
-            score = attrs.get("data-score")
+            score, cosine = attrs.get("data-score"), attrs.get("data-cosine")
             self.files.append((max(self.groups), attrs["data-role"], attrs["data-path"],
                                int(attrs["data-width"]), int(attrs["data-height"]),
                                int(attrs["data-bytes"]),
-                               None if score is None else round(float(score), 6)))
+                               None if score is None else round(float(score), 6),
+                               None if cosine is None else round(float(cosine), 6)))
 
 
 def html_facts(document: str) -> Facts:
@@ -59,34 +60,40 @@ def html_facts(document: str) -> Facts:
 def json_facts(text: str) -> tuple[list[tuple], dict, dict[int, tuple[int, int]]]:
     document = json.loads(text)
     files = [(g["group"], f["role"], f["path"], f["width"], f["height"], f["bytes"],
-              f["score"]) for g in document["groups"] for f in g["files"]]
+              f["score"], None if f["role"] == "keeper" else f["cosine"])
+             for g in document["groups"] for f in g["files"]]
+    assert all(f["cosine"] == 1.0 for g in document["groups"] for f in g["files"]
+               if f["role"] == "keeper")
     # the old keys say the same as the new ones
     for g in document["groups"]:
         assert g["keeper"] == g["files"][0]["path"] and g["files"][0]["role"] == "keeper"
-        assert [(m["path"], m["score"], m["width"], m["height"], m["bytes"])
+        assert [(m["path"], m["score"], m["width"], m["height"], m["bytes"], m["cosine"])
                 for m in g["members"]] == [(f["path"], f["score"], f["width"], f["height"],
-                                            f["bytes"]) for f in g["files"][1:]]
+                                            f["bytes"], f["cosine"]) for f in g["files"][1:]]
     groups = {g["group"]: (g["size"], g["reclaimable_bytes"]) for g in document["groups"]}
     return files, document, groups
 
 
-def csv_facts(text: str, normalised: bool) -> tuple[list[tuple], list[dict[str, str]]]:
+def csv_facts(text: str, score_kind: str) -> tuple[list[tuple], list[dict[str, str]]]:
     rows = list(csv.DictReader(io.StringIO(text)))
     files = []
     for row in rows:
         keeper = row["role"] == "keeper"
+        assert row["score_kind"] == score_kind
         if keeper:
-            assert row["score"] == ("" if normalised else "1.0")
+            assert row["score"] == ("1.0" if score_kind == "cosine" else "")
+            assert row["cosine"] == "1.0"
         files.append((int(row["group"]), row["role"], row["path"], int(row["width"]),
                       int(row["height"]), int(row["bytes"]),
-                      None if keeper else round(float(row["score"]), 6)))
+                      None if keeper else round(float(row["score"]), 6),
+                      None if keeper or not row["cosine"] else round(float(row["cosine"]), 6)))
     return files, rows
 
 
 def assert_same_facts(result: DedupResult, html: str, json_text: str, csv_text: str) -> None:
     parsed = html_facts(html)
     from_json, document, json_groups = json_facts(json_text)
-    from_csv, rows = csv_facts(csv_text, result.score_norm is not None)
+    from_csv, rows = csv_facts(csv_text, result.score_kind)
     assert parsed.files == from_json == from_csv
     assert len(parsed.files) == len(result.groups) + result.duplicate_count
     # per group: size and reclaimable bytes
@@ -111,13 +118,12 @@ def assert_same_facts(result: DedupResult, html: str, json_text: str, csv_text: 
     target = result.target_precision
     assert parsed.summary["target-precision"] == ("" if target is None else f"{target:g}")
     assert summary["target_precision"] == target
-    scale = "sscd-normalised" if result.score_norm is not None else "cosine"
-    assert parsed.summary["score"] == document["score"] == scale
+    assert parsed.summary["score"] == document["score"] == result.score_kind
     # each duplicate's tooltip names the score it shows
     assert len(parsed.score_titles) == result.duplicate_count
-    normalised = result.score_norm is not None
-    assert all(("normalised" in title) == normalised and ("cosine" in title) != normalised
-               for title in parsed.score_titles)
+    words = {"cosine": "cosine similarity", "sscd-normalised": "normalised",
+             "copy": "probability"}[result.score_kind]
+    assert all(words in title for title in parsed.score_titles)
     for row in rows:
         assert int(row["images_indexed"]) == len(result.facts)
         assert float(row["threshold"]) == pytest.approx(result.threshold)
@@ -127,18 +133,19 @@ def assert_same_facts(result: DedupResult, html: str, json_text: str, csv_text: 
 def _csv(result: DedupResult) -> str:
     return groups_to_csv(result.groups, result.facts, result.threshold,
                          threshold_source=result.threshold_source,
-                         normalised=result.score_norm is not None)
+                         score_kind=result.score_kind)
 
 
 def _json(result: DedupResult) -> str:
     return groups_to_json(result.groups, result.facts, result.threshold,
                           threshold_source=result.threshold_source,
                           target_precision=result.target_precision,
-                          normalised=result.score_norm is not None)
+                          score_kind=result.score_kind)
 
 
-@pytest.mark.parametrize("norm", [None, ScoreNorm()])
-def test_hand_made_result_with_awkward_paths(tmp_path, norm):
+@pytest.mark.parametrize("norm, kind", [(None, "cosine"), (ScoreNorm(), "sscd-normalised"),
+                                        (None, "copy")])
+def test_hand_made_result_with_awkward_paths(tmp_path, norm, kind):
     names = ["plain.png", 'quote " and, comma.png', "été/日本 space.png", "<b>&amp;.png"]
     facts = []
     for number, name in enumerate(names):
@@ -147,11 +154,15 @@ def test_hand_made_result_with_awkward_paths(tmp_path, norm):
         Image.new("RGB", (40 + number, 30), (number * 50, 90, 90)).save(path)
         facts.append(FileFacts(str(path), 40 + number, 30, path.stat().st_size))
     facts.append(FileFacts(str(tmp_path / "gone.jpg"), 7, 5, 123))  # missing: a placeholder
-    groups = [Group(0, [(1, 0.9123456), (4, 0.5)]), Group(2, [(3, -0.25)])]
+    groups = [Group(0, [(1, 0.9123456), (4, 0.5)], {1: 0.81, 4: 0.3333333}),
+              Group(2, [(3, 0.25)], {3: -0.125})]
     result = DedupResult(0.4567, groups, facts, threshold_source="precision",
-                         target_precision=0.95, score_norm=norm)
-    assert_same_facts(result, render_html(result, thumb_px=24, workers=1), _json(result),
-                      _csv(result))
+                         target_precision=0.95, score_norm=norm, score_kind=kind)
+    html = render_html(result, thumb_px=24, workers=1)
+    assert_same_facts(result, html, _json(result), _csv(result))
+    # scores and cosines as given, in the keeper-then-members order of the groups
+    assert [f[6:] for f in html_facts(html).files] == [
+        (None, None), (0.912346, 0.81), (0.5, 0.333333), (None, None), (0.25, -0.125)]
 
 
 def test_old_keys_and_columns_are_kept():
@@ -161,7 +172,7 @@ def test_old_keys_and_columns_are_kept():
     assert document["threshold"] == 0.5
     assert document["groups"][0]["keeper"] == "/a.jpg"
     assert document["groups"][0]["members"][0] == {"path": "/b.jpg", "score": 0.75, "width": 5,
-                                                    "height": 5, "bytes": 40}
+                                                    "height": 5, "bytes": 40, "cosine": None}
     text = groups_to_csv(groups, facts)  # the original call
     header = text.splitlines()[0].split(",")
     assert tuple(header[:7]) == ("group", "role", "path", "score", "width", "height", "bytes")

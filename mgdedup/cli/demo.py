@@ -39,11 +39,12 @@ def demo(
         summary = update_index([target], target / INDEX_DIRNAME, load_model(DEFAULT_MODEL),
                                DEFAULT_MODEL, resolution, workers=0)
         result = find_duplicates(summary.index_dir, threshold)
-        print_groups_table(result.groups, result.facts, Console())
+        print_groups_table(result.groups, result.facts, Console(), result.score_kind)
         found = {frozenset((result.facts[g.keeper].path, result.facts[row].path))
                  for g in result.groups for row, _ in g.members}
         planted = [frozenset((str(o.resolve()), str(c.resolve())))
                    for o, c, _ in collection.copies]
         hits = sum(pair in found for pair in planted)
+        scale = "P(copy)" if result.score_kind == "copy" else result.score_kind
         say(f"found {hits} of {len(planted)} planted copies at threshold "
-                  f"{result.threshold:g}")
+            f"{result.threshold:g} ({scale})")

@@ -44,15 +44,22 @@ if TYPE_CHECKING:
     from mgdedup.duplicates.find import DedupResult
 
 
+class Score(str, Enum):
+    copy = "copy"
+    cosine = "cosine"
+    normalised = "normalised"
+
+
 @app.command()
 @user_errors
 def dedup(
     index_dir: IndexOption = None,
     threshold: Annotated[float | None, typer.Option(
         "--threshold", "-t", min=-1.0, max=1.0,
-        help="Cosine similarity to the keeper at or above which a file is a duplicate. "
-             "Default: the threshold measured for the index's model (precision 0.99 on "
-             "edited copies of real photos).")] = None,
+        help="Score at or above which a file is a duplicate. With the copy score (the "
+             "default) it is a probability: 0.9 keeps the pairs at least 90 % sure to be "
+             "copies. With --score cosine, a cosine similarity to the keeper. Default: the "
+             "threshold measured for the index's model.")] = None,
     output_format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here, not stdout.")
                    ] = None,
@@ -69,46 +76,69 @@ def dedup(
                             "undone).")] = False,
     precision: Annotated[float | None, typer.Option(
         "--precision", "-p", min=0.0, max=1.0,
-        help="Use the threshold estimated to reach this precision on this collection "
-             "(`mgdedup calibrate`; run first when missing or stale). Not with --threshold."
-    )] = None,
+        help="Use the threshold that reached this precision: on the copies the copy score "
+             "was fitted on, or (cosine scores) estimated on this collection by `mgdedup "
+             "calibrate`, run first when missing or stale. Not with --threshold.")] = None,
+    score: Annotated[Score | None, typer.Option(
+        "--score", "-s",
+        help="copy: each candidate pair is verified (local features, geometry) and scored "
+             "as the probability that it is a copy; groups are the images connected by such "
+             "pairs. cosine: the descriptor's cosine to the keeper only (faster, misses hard "
+             "copies). normalised: the cosine less the pair's similarity to the rest of the "
+             "collection. Default: copy where the model has a copy score.")] = None,
     score_norm: Annotated[bool | None, typer.Option(
         "--score-norm/--no-score-norm",
-        help="Score pairs by SSCD-normalised similarity (the collection as background) "
-             "instead of plain cosine; --threshold is then on that scale, and without one "
-             "the threshold is calibrated for precision 0.99. Default: normalised with "
-             "--precision, cosine otherwise.")
+        help="Same as --score normalised / --score cosine (kept from earlier versions).")
     ] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="Threads verifying candidate pairs (default: one per core)."
+    )] = None,
 ) -> None:
     """Print duplicate groups: a keeper (most pixels, then largest file) and its copies.
 
-    Examples: mgdedup dedup; mgdedup dedup --threshold 0.7 --format json > groups.json;
+    Examples: mgdedup dedup; mgdedup dedup --threshold 0.9 --format json > groups.json;
     mgdedup dedup --action move --to ~/dups (dry run), then the same with --apply
     """
-    from mgdedup.duplicates.find import find_duplicates
+    from mgdedup.duplicates.find import find_duplicates, has_copy_score
     from mgdedup.duplicates.report_text import groups_to_csv, groups_to_json, print_groups_table
     from mgdedup.duplicates.score_norm import ScoreNorm, default_score_norm
     from mgdedup.index.layout import find_index
 
     if threshold is not None and precision is not None:
         raise MgdedupError("give --threshold or --precision, not both")
+    if score is not None and score_norm is not None and \
+            (score is Score.normalised) != score_norm:
+        raise MgdedupError("--score and --score-norm/--no-score-norm disagree; give one")
     if output_format is Format.html and out is None and action is None:
         raise MgdedupError("--format html needs --out FILE (a self-contained page)")
     if out is not None and action is None:
         check_writable(out.expanduser(), "report")
     where = find_index(index_dir)
-    norm = default_score_norm(precision is not None) if score_norm is None else \
-        (ScoreNorm() if score_norm else None)
+    if score is None and score_norm is not None:
+        score = Score.normalised if score_norm else Score.cosine
+    if score is None:
+        score = Score.copy if has_copy_score(where) else \
+            Score.normalised if default_score_norm(precision is not None) else Score.cosine
+    if score is Score.copy and threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise MgdedupError(f"a copy score threshold is a probability in [0, 1], got "
+                           f"{threshold:g} (a cosine? then add --score cosine)")
+    norm = ScoreNorm() if score is Score.normalised else None
     with progress_bar("calibrating") as progress:
         task = progress.add_task("calibrating", total=None, visible=False)
+        verify = progress.add_task("verifying candidate pairs", total=None, visible=False,
+                                   unit=" pairs/s")
 
         def calibrating(reason: str) -> None:
             say(f"calibrating the threshold for this collection ({reason}; stored in "
-                      f"{where} for next time)")
+                f"{where} for next time)")
             progress.update(task, visible=True)
 
         result = find_duplicates(
-            where, threshold, precision=precision, score_norm=norm, on_calibrate=calibrating,
+            where, threshold, precision=precision, score_norm=norm,
+            scoring="copy" if score is Score.copy else "cosine", workers=workers,
+            on_calibrate=calibrating,
+            on_verify=lambda total: progress.update(verify, total=total, visible=True),
+            on_verified=lambda count: progress.advance(verify, count),
             on_start=lambda total: progress.update(task, total=total),
             on_progress=lambda count: progress.advance(task, count))
     if action is not None:
@@ -121,33 +151,34 @@ def dedup(
         write_html(result, out.expanduser())
         say(f"wrote {out} ({len(result.groups)} groups)")
     elif output_format is Format.table and out is None:
-        print_groups_table(result.groups, result.facts, Console())
+        print_groups_table(result.groups, result.facts, Console(), result.score_kind)
     else:
-        normalised = result.score_norm is not None
         if output_format is Format.json:
             text = groups_to_json(result.groups, result.facts, result.threshold,
                                   threshold_source=result.threshold_source,
                                   target_precision=result.target_precision,
-                                  normalised=normalised) + "\n"
+                                  score_kind=result.score_kind) + "\n"
         elif output_format is Format.csv:
             text = groups_to_csv(result.groups, result.facts, result.threshold,
                                  threshold_source=result.threshold_source,
-                                 normalised=normalised)
+                                 score_kind=result.score_kind)
         else:
             buffer = Console(record=True, width=160, file=io.StringIO())
-            print_groups_table(result.groups, result.facts, buffer)
+            print_groups_table(result.groups, result.facts, buffer, result.score_kind)
             text = buffer.export_text()
         _write_output(text, out)
     say(f"{len(result.groups)} groups, {result.duplicate_count} duplicates, "
-              f"{result.reclaimable_bytes / 1e6:.1f} MB reclaimable at threshold "
-              f"{result.threshold:g} ({_threshold_origin(result)})")
+        f"{result.reclaimable_bytes / 1e6:.1f} MB reclaimable at threshold "
+        f"{result.threshold:g} ({_threshold_origin(result)})")
 
 
 def _threshold_origin(result: DedupResult) -> str:
-    """How the threshold of a dedup run was chosen, in words."""
-    scale = "normalised scores" if result.score_norm is not None else "cosine"
+    """How the threshold of a dedup run was chosen, and on which scale, in words."""
+    scale = {"copy": "copy score P(copy)", "sscd-normalised": "normalised scores"}.get(
+        result.score_kind, "cosine")
     if result.threshold_source == "precision":
-        return f"calibrated for precision {result.target_precision:g}, {scale}"
+        where = "the fitting copies" if result.score_kind == "copy" else "this collection"
+        return f"precision {result.target_precision:g} on {where}, {scale}"
     if result.threshold_source == "measured":
         return f"measured for the model, {scale}"
     if result.threshold_source == "default":

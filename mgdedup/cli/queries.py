@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,11 @@ from mgdedup.errors import MgdedupError
 from mgdedup.files.names import json_text, printable
 
 
+class SearchScore(str, Enum):
+    copy = "copy"
+    cosine = "cosine"
+
+
 @app.command()
 @user_errors
 def search(
@@ -20,8 +26,14 @@ def search(
     k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 10,
     model: ModelOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    score: Annotated[SearchScore | None, typer.Option(
+        "--score", "-s",
+        help="copy: rank by the probability that the result is a copy of the query (each "
+             "candidate verified, as `dedup` scores pairs); cosine: by descriptor cosine "
+             "only. Default: copy where the model has a copy score.")] = None,
 ) -> None:
-    """Nearest indexed images for each query image.
+    """Indexed images most likely to be copies of each query image, best first: the score
+    (P(copy), or the cosine with --score cosine), then the cosine.
 
     Example: mgdedup search some.jpg -k 10
     """
@@ -29,21 +41,26 @@ def search(
     from mgdedup.queries.search import search_index
 
     where = find_index(index_dir)
-    results = search_index(where, images, k=k, model_spec=model)
+    results = search_index(where, images, k=k, model_spec=model,
+                           scoring=None if score is None else score.value)
     say(f"index: {where}")
     for result in results:
         if result.error:
             say(f"skipped {result.query}: {result.error}")
     if as_json:
-        typer.echo(json_text([{"query": r.query, "results": [{"path": p, "score": round(s, 6)}
-                                                              for p, s in r.results]}
-                               for r in results if r.error is None], indent=2))
+        typer.echo(json_text([{"query": r.query, "score": r.score_kind,
+                               "results": [{"path": p, "score": round(s, 6),
+                                            "cosine": round(c, 6)}
+                                           for (p, s), c in zip(r.results, r.cosines)]}
+                              for r in results if r.error is None], indent=2))
     else:
         for result in results:
             if result.error is None:
                 typer.echo(printable(result.query))
-                for path, score in result.results:
-                    typer.echo(f"  {score:.3f}  {printable(path)}")
+                for (path, value), cosine in zip(result.results, result.cosines):
+                    shown = f"P(copy) {value:.3f}  cosine {cosine:.3f}" \
+                        if result.score_kind == "copy" else f"{value:.3f}"
+                    typer.echo(f"  {shown}  {printable(path)}")
     if all(r.error for r in results):
         raise typer.Exit(1)
 

@@ -1,5 +1,5 @@
 """What every `mgdedup` command shares: the Typer app, stderr console, error handling,
-progress bars and common options. Command modules (`cli.py`, `cli_*.py`) register on `app`.
+progress bars and common options. Command modules (`mgdedup.cli.*`) register on `app`.
 
 Data (tables, JSON, CSV) goes to stdout; messages and progress bars go to stderr. A user
 mistake prints one line and exits with 1; usage errors exit with 2 (Typer's own).
@@ -22,6 +22,8 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -89,11 +91,23 @@ def configure(verbose: Annotated[bool, typer.Option("--verbose", "-v",
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)])
 
 
+class RateColumn(ProgressColumn):
+    """Items per second (images, pairs, steps), as the task's own unit says."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "/s")
+        if speed is None:
+            return Text(f"-{unit}", style="progress.data.speed")
+        shown = f"{speed:,.0f}" if speed >= 10 else f"{speed:.1f}"
+        return Text(f"{shown}{unit}", style="progress.data.speed")
+
+
 @contextmanager
 def progress_bar(description: str) -> Iterator[Progress]:
-    """A progress bar on stderr, hidden when stderr is not a terminal."""
+    """A progress bar on stderr with its rate, hidden when stderr is not a terminal."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+                        RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
                         transient=True, disable=not err.is_terminal)
     with progress:
         yield progress

@@ -1,4 +1,4 @@
-"""Duplicate groups of an index: blocked range search, then stars around keepers."""
+"""Duplicate groups of an index: copy scores and components by default, or cosines and stars."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mgdedup.duplicates.copy_score import CopyScorer
 from mgdedup.duplicates.decisions import apply_decisions, load_decisions
 from mgdedup.duplicates.grouping import Group, keeper_order, star_groups
 from mgdedup.duplicates.report_text import FileFacts
@@ -37,6 +38,8 @@ class DedupResult:
     threshold_source: str = "threshold"
     target_precision: float | None = None
     score_norm: ScoreNorm | None = None  # scores are SSCD-normalised when set
+    #: what a member's score is: "copy" (P(copy), in [0, 1]), "cosine", "sscd-normalised"
+    score_kind: str = "cosine"
 
     @property
     def duplicate_count(self) -> int:
@@ -91,18 +94,31 @@ def choose_threshold(index_dir: Path, threshold: float | None, precision: float 
 
 def find_duplicates(index_dir: Path, threshold: float | None = None,
                     block_rows: int = 16384, *, precision: float | None = None,
-                    score_norm: ScoreNorm | None = None,
+                    score_norm: ScoreNorm | None = None, scoring: str | None = None,
+                    workers: int | None = None,
                     on_calibrate: Callable[[str], None] | None = None,
+                    on_verify: Callable[[int], None] | None = None,
+                    on_verified: Callable[[int], None] | None = None,
                     **calibrate_options: object) -> DedupResult:
-    """Every member of a group scores >= threshold with its group's keeper, except pairs a
-    person marked as duplicates; pairs marked "not-duplicate" never group.
+    """Duplicate groups of an index; pairs a person marked "not-duplicate" never group, pairs
+    marked "duplicate" always do.
 
-    The score is the cosine similarity, or with `score_norm` the SSCD-normalised one
-    (`mgdedup.duplicates.score_norm`: the collection is its own background). The threshold
-    is chosen by
-    `choose_threshold` (given, measured, or calibrated for `precision`; extra keyword
-    options go to `mgdedup.duplicates.precision.calibrate_index` when it has to run).
+    `scoring` "copy" (the default where the index's model has a copy score): candidates are
+    verified and scored by `mgdedup.duplicates.copy_score`, the score is P(copy) in [0, 1],
+    groups are connected components (`mgdedup.duplicates.copy_search`); `on_verify(pairs)` and
+    `on_verified(count)` follow the verification. "cosine": the cosine similarity to the
+    keeper, star groups; with `score_norm` ("normalised") the SSCD-normalised one. The
+    threshold is chosen by `choose_threshold` (given, measured, or calibrated for `precision`;
+    extra keyword options go to `mgdedup.duplicates.precision.calibrate_index`).
     """
+    scorer = _copy_scorer(index_dir) if scoring in (None, "copy") and score_norm is None \
+        else None
+    if scoring == "copy" and scorer is None:
+        raise MgdedupError("this index's model has no copy score at its resolution; use "
+                           "--score cosine")
+    if scorer is not None:
+        return _find_copies(index_dir, scorer, threshold, precision, block_rows, workers,
+                            on_verify, on_verified)
     threshold, source, target = choose_threshold(index_dir, threshold, precision, score_norm,
                                                  on_calibrate, **calibrate_options)
     with IndexDir(index_dir).open_store() as store:
@@ -130,11 +146,80 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
 
         i, j, scores = apply_decisions(load_decisions(index_dir), [f.path for f in facts],
                                        i, j, scores, similarity)
-    order = keeper_order(pixels=[f.width * f.height for f in facts],
-                         sizes=[f.size for f in facts], paths=[f.path for f in facts])
-    groups = star_groups(len(facts), i, j, scores, order)
+        groups = star_groups(len(facts), i, j, scores, _keeper_order(facts))
+        _add_cosines(store, groups)
     return DedupResult(threshold=threshold, groups=groups, facts=facts, threshold_source=source,
-                       target_precision=target, score_norm=score_norm)
+                       target_precision=target, score_norm=score_norm,
+                       score_kind="sscd-normalised" if score_norm is not None else "cosine")
+
+
+def _keeper_order(facts: list[FileFacts]) -> np.ndarray:
+    return keeper_order(pixels=[f.width * f.height for f in facts],
+                        sizes=[f.size for f in facts], paths=[f.path for f in facts])
+
+
+def has_copy_score(index_dir: Path) -> bool:
+    """Whether the index's model, whitening and resolution have a copy score (`dedup`'s
+    default scoring where they do)."""
+    return _copy_scorer(index_dir) is not None
+
+
+def _copy_scorer(index_dir: Path) -> CopyScorer | None:
+    from mgdedup.model.registry import copy_scorer_for
+
+    with IndexDir(index_dir).open_store() as store:
+        meta = store.meta
+    return copy_scorer_for(meta.model_name, meta.resolution, meta.whitening_id)
+
+
+def _find_copies(index_dir: Path, scorer: CopyScorer, threshold: float | None,
+                 precision: float | None, block_rows: int, workers: int | None,
+                 on_verify: Callable[[int], None] | None,
+                 on_verified: Callable[[int], None] | None) -> DedupResult:
+    """Copy scoring (see `find_duplicates`)."""
+    if threshold is not None and precision is not None:
+        raise MgdedupError("give --threshold or --precision, not both")
+    target = None
+    if threshold is not None:
+        source = "threshold"
+    elif precision is not None:
+        found = scorer.threshold_for(float(precision))
+        if found is None:
+            raise MgdedupError(f"precision {precision:g} was not reached on the copies the "
+                               "copy score was fitted on; ask for less, or pass --threshold")
+        threshold, source, target = found[0], "precision", float(precision)
+    else:
+        threshold, source = scorer.default_threshold, "measured"
+    from mgdedup.duplicates.copy_search import component_groups, score_collection
+
+    with IndexDir(index_dir).open_store() as store:
+        index = ensure_index(Path(index_dir), store)
+        facts = file_facts(store)
+        scored = score_collection(store, index, scorer, [f.path for f in facts],
+                                  block_rows=block_rows, workers=workers,
+                                  cache=IndexDir(index_dir).verified, on_start=on_verify,
+                                  on_progress=on_verified)
+        keep = scored.probability >= np.float32(threshold)
+        i, j, scores = scored.i[keep], scored.j[keep], scored.probability[keep]
+        i, j, scores = _without_same_files(facts, i, j, scores)
+        i, j, scores = apply_decisions(load_decisions(index_dir), [f.path for f in facts],
+                                       i, j, scores, lambda a, b: 1.0)  # a person said so
+        groups = component_groups(len(facts), i, j, scores, _keeper_order(facts))
+        _add_cosines(store, groups)
+    return DedupResult(threshold=float(threshold), groups=groups, facts=facts,
+                       threshold_source=source, target_precision=target, score_kind="copy")
+
+
+def _add_cosines(store: IndexStore, groups: list[Group]) -> None:
+    """Each member's raw cosine to its keeper, from the rows (reported beside the score)."""
+    rows = sorted({row for g in groups for row in (g.keeper, *(m for m, _ in g.members))})
+    if not rows:
+        return
+    vectors = np.asarray(store.read("embeddings", np.array(rows)), np.float32)
+    at = {row: k for k, row in enumerate(rows)}
+    for group in groups:
+        keeper = vectors[at[group.keeper]]
+        group.cosines = {m: float(vectors[at[m]] @ keeper) for m, _ in group.members}
 
 
 def _normalised_pairs(index, store: IndexStore, background: np.ndarray, norm: ScoreNorm,

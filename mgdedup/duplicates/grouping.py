@@ -17,6 +17,7 @@ import numpy as np
 class Group:
     keeper: int
     members: list[tuple[int, float]] = field(default_factory=list)  # (row, similarity to keeper)
+    cosines: dict[int, float] = field(default_factory=dict)  # row -> raw cosine to the keeper
 
     @property
     def best_score(self) -> float:

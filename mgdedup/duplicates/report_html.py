@@ -13,10 +13,11 @@ decoded once (draft-decoded for JPEG) even when it appears in several places.
 Stable hooks for tests and scripts: `<section class="group" data-group="N" data-size=".."
 data-reclaimable-bytes="..">` (N from 1, in the order of `DedupResult.groups`, as the CSV
 report numbers them), `<figure class="image" data-role="keeper|member" data-path="..."
-data-width data-height data-bytes [data-score]>` (score: members only, to the keeper), and on
-`<dl class="summary">` the exact summary: data-images, data-groups, data-duplicates,
-data-reclaimable-bytes, data-threshold, data-threshold-source, data-target-precision,
-data-score (cosine | sscd-normalised). These carry the same facts as the JSON/CSV reports.
+data-width data-height data-bytes [data-score data-cosine]>` (members only: the score and the
+raw cosine to the keeper), and on `<dl class="summary">` the exact summary: data-images,
+data-groups, data-duplicates, data-reclaimable-bytes, data-threshold, data-threshold-source,
+data-target-precision, data-score (copy | cosine | sscd-normalised). These carry the same
+facts as the JSON/CSV reports.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def _thumbnails(paths: Iterable[str], thumb_px: int, workers: int) -> dict[str, 
 
 #: the tooltip of a duplicate's score, by the kind of score the report shows
 SCORE_TITLES = {
+    "copy": "probability that this is a copy of the keeper (copy score)",
     "cosine": "cosine similarity to the keeper",
     "sscd-normalised": "similarity to the keeper minus the two images' mean similarity to "
                        "their other neighbours (SSCD-style normalised score)",
@@ -110,7 +112,7 @@ SCORE_TITLES = {
 
 
 def _figure(facts: FileFacts, thumb: Thumbnail, role: str, score: float | None,
-            thumb_px: int, score_kind: str = "cosine") -> str:
+            thumb_px: int, score_kind: str = "cosine", cosine: float | None = None) -> str:
     shown = printable(facts.path)  # control characters and undecodable bytes escaped
     path = escape(shown, quote=True)
     name = escape(os.path.basename(shown) or shown, quote=True)
@@ -128,7 +130,12 @@ def _figure(facts: FileFacts, thumb: Thumbnail, role: str, score: float | None,
         badge = '<span class="badge dup">duplicate</span>'
         title = escape(SCORE_TITLES[score_kind], quote=True)
         similarity = f'<span class="score" title="{title}">{score:.3f}</span>'
+        if cosine is not None and score_kind != "cosine":
+            similarity += (f'<span class="cosine" title="{escape(SCORE_TITLES["cosine"])}">'
+                           f'cos {cosine:.3f}</span>')
     score_attr = f' data-score="{score:.6f}"' if score is not None else ""
+    if cosine is not None:
+        score_attr += f' data-cosine="{cosine:.6f}"'
     return (
         f'<figure class="image" data-role="{role}" data-path="{path}" '
         f'data-width="{facts.width}" data-height="{facts.height}" data-bytes="{facts.size}"'
@@ -177,6 +184,7 @@ figcaption { margin-top: 6px; }
 .badge.keep { background: var(--keep); }
 .badge.dup { background: var(--dup); }
 .score { font-weight: 600; font-variant-numeric: tabular-nums; }
+.cosine { margin-left: .5em; color: #666; font-variant-numeric: tabular-nums; }
 .facts { color: var(--muted); font-variant-numeric: tabular-nums; }
 .path { font: 11px/1.3 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
   overflow-wrap: anywhere; user-select: all; }
@@ -203,7 +211,7 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
     if workers is None:
         workers = min(8, available_cpus())
     facts = result.facts
-    score_kind = "sscd-normalised" if result.score_norm is not None else "cosine"
+    score_kind = result.score_kind
     rows = [row for group in result.groups
             for row in (group.keeper, *(member for member, _ in group.members))]
     thumbs = _thumbnails((facts[row].path for row in rows), thumb_px, workers)
@@ -255,7 +263,7 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
         for row, score in group.members:
             member = facts[row]
             parts.append(_figure(member, thumbs[member.path], "member", score, thumb_px,
-                                 score_kind))
+                                 score_kind, group.cosines.get(row)))
         parts.append("</div></section>\n")
     parts.append("</main>\n</body>\n</html>\n")
     return "".join(parts)

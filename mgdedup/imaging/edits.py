@@ -125,3 +125,125 @@ def write_copies(paths: Sequence[Path], folder: Path, *, resolution: int, aug_co
             copies.append(target)
             family.append(position)
     return copies, family, skipped
+
+
+# --- the copies people make (DISC2021-style), after AugLy -------------------------------------
+#: kinds of hard copies: what screenshots, reposts, memes and thumbnails do to an image
+HARD_KINDS = ("screenshot", "pasted", "emoji", "text", "stripes", "tiny_jpeg", "pixel_noise",
+              "perspective", "pad_rotate", "crop_grey", "rot90", "rot180", "rot270")
+
+_WORDS = ("look", "sale", "wow", "2024", "summer", "repost", "lol", "share", "best day",
+          "follow me", "free", "new", "#photo", "omg", "via @friend", "best", "tbt")
+
+
+def _augly():
+    """AugLy (`pip install mgdedup[copies]`): its screenshot templates, emoji and fonts make
+    the copies of DISC2021. Imported only where hard copies are made."""
+    try:
+        import augly.image as augly_image
+        import augly.utils as augly_utils
+    except ImportError as error:
+        raise ImportError("hard copies need AugLy: pip install 'mgdedup[copies]'") from error
+    return augly_image, augly_utils
+
+
+def _perspective(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The image seen from the side: each corner moved by up to 8-18 % of the size (AugLy's
+    own perspective_transform needs numpy < 1.24)."""
+    width, height = image.size
+    sigma = float(rng.uniform(0.08, 0.18))
+    corners = np.array([(0, 0), (width, 0), (width, height), (0, height)], np.float64)
+    moved = corners + rng.uniform(-sigma, sigma, (4, 2)) * (width, height)
+    moved[:, 0] -= moved[:, 0].min()
+    moved[:, 1] -= moved[:, 1].min()
+    size = (int(np.ceil(moved[:, 0].max())), int(np.ceil(moved[:, 1].max())))
+    # coefficients mapping output pixels back onto the input (PIL's convention)
+    rows = []
+    for (x, y), (u, v) in zip(moved, corners):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+    coefficients = np.linalg.solve(np.array(rows), corners.reshape(-1))
+    return image.transform(size, Image.Transform.PERSPECTIVE, tuple(coefficients),
+                           Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+
+
+def _text(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    from PIL import ImageDraw, ImageFont
+
+    _, utils = _augly()
+    fonts = sorted(Path(utils.FONTS_DIR).glob("*.ttf"))
+    latin = [f for f in fonts if not any(s in f.name for s in ("Noto", "Dingbats", "Entypo",
+                                                              "Mono", "Symbol"))]
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    for _ in range(int(rng.integers(1, 4))):
+        size = max(10, int(out.height * rng.uniform(0.08, 0.16)))
+        font = ImageFont.truetype(str(latin[int(rng.integers(len(latin)))]), size)
+        words = " ".join(rng.choice(_WORDS, size=int(rng.integers(1, 4))))
+        position = (int(rng.uniform(0, 0.6) * out.width), int(rng.uniform(0, 0.85) * out.height))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.text(position, words, font=font, fill=colour, stroke_width=max(1, size // 15),
+                  stroke_fill=(0, 0, 0) if sum(colour) > 380 else (255, 255, 255))
+    return out
+
+
+def make_hard_copy(image: Image.Image, kind: str, rng: np.random.Generator,
+                   backgrounds: Sequence[Image.Image] = ()) -> Image.Image:
+    """One copy of `image` of the given kind (`HARD_KINDS`), its parameters drawn from `rng`.
+    "pasted" puts the image onto one of `backgrounds` (photos not otherwise used)."""
+    augly, utils = _augly()
+    image = image.convert("RGB")
+    uniform = rng.uniform
+    if kind == "screenshot":
+        template = "web.png" if rng.random() < 0.5 else "mobile.png"
+        return augly.overlay_onto_screenshot(
+            image, template_filepath=str(Path(utils.SCREENSHOT_TEMPLATES_DIR) / template),
+            template_bboxes_filepath=utils.BBOXES_PATH).convert("RGB")
+    if kind == "pasted":
+        if not backgrounds:
+            raise ValueError("pasted copies need background photos")
+        background = backgrounds[int(rng.integers(len(backgrounds)))].convert("RGB")
+        return augly.overlay_onto_background_image(
+            image, background_image=background, overlay_size=float(uniform(0.35, 0.65)),
+            x_pos=float(uniform(0.0, 0.35)), y_pos=float(uniform(0.0, 0.35)),
+            scale_bg=True).convert("RGB")
+    if kind == "emoji":
+        folder = Path(utils.EMOJI_DIR) / "smileys"
+        emojis = sorted(folder.glob("*.png"))
+        return augly.overlay_emoji(
+            image, emoji_path=str(emojis[int(rng.integers(len(emojis)))]),
+            emoji_size=float(uniform(0.2, 0.4)), opacity=float(uniform(0.7, 1.0)),
+            x_pos=float(uniform(0.0, 0.6)), y_pos=float(uniform(0.0, 0.6))).convert("RGB")
+    if kind == "text":
+        return _text(image, rng)
+    if kind == "stripes":
+        return augly.overlay_stripes(
+            image, line_width=float(uniform(0.1, 0.35)), line_density=float(uniform(0.3, 0.7)),
+            line_angle=float(uniform(-90, 90)), line_opacity=float(uniform(0.5, 1.0)),
+            line_color=tuple(int(c) for c in rng.integers(0, 256, 3))).convert("RGB")
+    if kind == "tiny_jpeg":
+        side = float(uniform(64, 128))
+        small = augly.scale(image, factor=min(1.0, side / max(image.size)))
+        return augly.encoding_quality(small, quality=int(rng.integers(8, 21))).convert("RGB")
+    if kind == "pixel_noise":
+        pixelated = augly.pixelization(image, ratio=float(uniform(0.15, 0.35)))
+        return augly.random_noise(pixelated, var=float(uniform(0.01, 0.04)),
+                                  seed=int(rng.integers(1 << 30))).convert("RGB")
+    if kind == "perspective":
+        return _perspective(image, rng)
+    if kind == "pad_rotate":
+        padded = augly.pad(image, w_factor=float(uniform(0.1, 0.3)),
+                           h_factor=float(uniform(0.1, 0.3)),
+                           color=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        angle = float(uniform(10, 35)) * (1 if rng.random() < 0.5 else -1)
+        return augly.rotate(padded, degrees=angle).convert("RGB")
+    if kind == "crop_grey":
+        width, height = float(uniform(0.5, 0.75)), float(uniform(0.5, 0.75))
+        x1, y1 = float(uniform(0, 1 - width)), float(uniform(0, 1 - height))
+        cropped = augly.crop(image, x1=x1, y1=y1, x2=x1 + width, y2=y1 + height)
+        return augly.grayscale(cropped).convert("RGB")
+    turns = {"rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.ROTATE_180,
+             "rot270": Image.Transpose.ROTATE_270}
+    if kind in turns:
+        return image.transpose(turns[kind])
+    raise ValueError(f"unknown kind of copy {kind!r} (known: {', '.join(HARD_KINDS)})")

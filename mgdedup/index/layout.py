@@ -9,6 +9,8 @@ otherwise) holds:
 ``errors.jsonl``    files that could not be read, with the reason
 ``calibration.json`` precision curves of `mgdedup calibrate` (`mgdedup.duplicates.precision`)
 ``decisions.json``  a person's verdicts on pairs (`mgdedup.duplicates.decisions`)
+``verified.npz``    verification of candidate pairs, kept between runs (a cache:
+                    `mgdedup.duplicates.evidence_cache`)
 ``actions/``        manifests of applied actions, for `mgdedup undo`
 ``trash/``          bytes of deleted or linked duplicates, until undone or emptied
 ``lock``            held by the one writer (`mgdedup.index.lock`)
@@ -49,6 +51,7 @@ class IndexDir:
     ERRORS = "errors.jsonl"
     CALIBRATION = "calibration.json"
     DECISIONS = "decisions.json"
+    VERIFIED = "verified.npz"
     ACTIONS = "actions"
     TRASH = "trash"
     LOCK = "lock"
@@ -76,6 +79,10 @@ class IndexDir:
     @property
     def decisions(self) -> Path:
         return self.path / self.DECISIONS
+
+    @property
+    def verified(self) -> Path:
+        return self.path / self.VERIFIED
 
     @property
     def actions(self) -> Path:

