@@ -204,7 +204,8 @@ def _find_copies(index_dir: Path, scorer: CopyScorer, threshold: float | None,
         i, j, scores = _without_same_files(facts, i, j, scores)
         i, j, scores = apply_decisions(load_decisions(index_dir), [f.path for f in facts],
                                        i, j, scores, lambda a, b: 1.0)  # a person said so
-        groups = component_groups(len(facts), i, j, scores, _keeper_order(facts))
+        groups = _one_path_per_file(facts, component_groups(len(facts), i, j, scores,
+                                                            _keeper_order(facts)))
         _add_cosines(store, groups)
     return DedupResult(threshold=float(threshold), groups=groups, facts=facts,
                        threshold_source=source, target_precision=target, score_kind="copy")
@@ -260,6 +261,34 @@ def _rescored(store: IndexStore, i: np.ndarray, j: np.ndarray, background: np.nd
         scores = normalise(scores, background[i], background[j], norm)
     keep = scores >= np.float32(threshold)
     return i[keep], j[keep], scores[keep]
+
+
+def _one_path_per_file(facts: list[FileFacts], groups: list[Group]) -> list[Group]:
+    """Groups with one path per file: a connected group can reach a hard link of its keeper
+    through a third copy, although no pair of the two was kept; acting on it would act on
+    the keeper. Members that are the same file as the keeper or as an earlier member go."""
+    out = []
+    for group in groups:
+        seen = {_identity(facts[group.keeper].path)}
+        members = []
+        for row, score in group.members:
+            identity = _identity(facts[row].path)
+            if identity is not None and identity in seen:
+                continue
+            seen.add(identity)
+            members.append((row, score))
+        if members:
+            group.members = members
+            out.append(group)
+    return out
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _without_same_files(facts: list[FileFacts], i: np.ndarray, j: np.ndarray,
