@@ -298,13 +298,8 @@ def _without_same_files(facts: list[FileFacts], i: np.ndarray, j: np.ndarray,
     both. Only the rows of pairs are stat'ed."""
     if not len(i):
         return i, j, scores
-    identity: dict[int, tuple[int, int] | None] = {}
-    for row in np.unique(np.concatenate([i, j])).tolist():
-        try:
-            st = os.stat(facts[row].path)
-            identity[row] = (st.st_dev, st.st_ino)
-        except OSError:
-            identity[row] = None
+    identity = {row: _identity(facts[row].path)
+                for row in np.unique(np.concatenate([i, j])).tolist()}
     keep = np.array([identity[a] is None or identity[a] != identity[b]
                      for a, b in zip(i.tolist(), j.tolist())], dtype=bool)
     if not keep.all():
