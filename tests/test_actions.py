@@ -41,8 +41,12 @@ def test_dry_run_changes_nothing(lib, tmp_path, action):
     to = tmp_path / "out" if action is Action.MOVE else None
     steps = plan_actions(index_dir, find_duplicates(index_dir), action, to)
     lines = describe_plan(steps)
-    assert len(lines) == len(steps) and all(line.startswith((action.value, "skip"))
-                                            for line in lines)
+    # "keep K (why) <- ACTION A (P(copy) s) ...": the keeper, the action, the duplicate
+    assert len(lines) == len(steps)
+    for line, step in zip(lines, steps):
+        assert line.startswith(f"keep {step.keeper} (")
+        verb = "skip" if step.kind == SKIP else action.value
+        assert f" <- {verb} {step.source} (P(copy) {step.score:.3f})" in line
     assert snapshot(root) == before
     assert not (tmp_path / "out").exists() and not (index_dir / "trash").exists()
 

@@ -99,7 +99,7 @@ def test_a_keeper_changed_after_indexing_protects_its_duplicates(lib):
     shutil.copy(root / "a2.png", keeper)  # `cp other.jpg keeper.jpg` after indexing
     dry = run("dedup", "--index", index_dir, "--action", "delete", "--permanent")
     assert dry.exit_code == 0, dry.output
-    skipped = [line for line in dry.stdout.splitlines() if line.startswith("skip")]
+    skipped = [line for line in dry.stdout.splitlines() if " <- skip " in line]
     assert any("a1" in line and "keeper" in line and "changed since indexing" in line
                for line in skipped), dry.stdout
     applied = run("dedup", "--index", index_dir, "--action", "delete", "--permanent", "--apply")

@@ -1,13 +1,17 @@
-"""A person's verdicts on pairs ("not a duplicate", "a duplicate"), kept with the index.
+"""A person's verdicts on pairs ("not a duplicate", "a duplicate") and keeper choices, kept
+with the index.
 
 Stored in `IDX/decisions.json` as absolute resolved paths, so they survive re-indexing and
 are honoured by every later `dedup`: a "not-duplicate" pair is never grouped, a "duplicate"
-pair is grouped whatever its similarity. The latest verdict on a pair wins.
+pair is grouped whatever its similarity, a file in "keeper" is kept in its group before any
+keeper rule is asked. The latest verdict on a pair wins; choosing a keeper drops the earlier
+choice among the same group's files.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +29,7 @@ VERDICTS = ("duplicate", "not-duplicate")
 class Decisions:
     duplicate: set[frozenset[str]] = field(default_factory=set)
     not_duplicate: set[frozenset[str]] = field(default_factory=set)
+    keepers: set[str] = field(default_factory=set)
 
     def mark(self, verdict: str, a: str, b: str) -> None:
         pair = frozenset((a, b))
@@ -35,6 +40,13 @@ class Decisions:
         self.duplicate.discard(pair)
         self.not_duplicate.discard(pair)
         (self.duplicate if verdict == "duplicate" else self.not_duplicate).add(pair)
+
+    def choose_keeper(self, keeper: str, group: Sequence[str] = ()) -> None:
+        """Keep `keeper`; an earlier choice of another file of its group is dropped."""
+        if not keeper:
+            raise MgdedupError("a keeper needs a path")
+        self.keepers.difference_update(group)
+        self.keepers.add(keeper)
 
     def __len__(self) -> int:
         return len(self.duplicate) + len(self.not_duplicate)
@@ -51,8 +63,11 @@ def load_decisions(index_dir: Path) -> Decisions:
     if not isinstance(data, dict):
         raise MgdedupError(f"{path} is not a decisions file (expected an object with "
                            "\"duplicate\" and \"not-duplicate\" lists)")
+    keepers = data.get("keeper", [])
+    if not (isinstance(keepers, list) and all(isinstance(p, str) and p for p in keepers)):
+        raise MgdedupError(f"{path}: \"keeper\" must be a list of paths")
     return Decisions(duplicate=_pairs(data, "duplicate", path),
-                     not_duplicate=_pairs(data, "not-duplicate", path))
+                     not_duplicate=_pairs(data, "not-duplicate", path), keepers=set(keepers))
 
 
 def _pairs(data: dict, verdict: str, path: Path) -> set[frozenset[str]]:
@@ -74,7 +89,8 @@ def _pairs(data: dict, verdict: str, path: Path) -> set[frozenset[str]]:
 def save_decisions(index_dir: Path, decisions: Decisions) -> None:
     """Atomic write: a crash never leaves half a file of verdicts."""
     data = {"duplicate": sorted(sorted(p) for p in decisions.duplicate),
-            "not-duplicate": sorted(sorted(p) for p in decisions.not_duplicate)}
+            "not-duplicate": sorted(sorted(p) for p in decisions.not_duplicate),
+            "keeper": sorted(decisions.keepers)}
     write_text(IndexDir(index_dir).decisions,
                json_text(data, indent=1) + "\n", "decisions")
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mgdedup.duplicates.copy_score import CopyScorer
 from mgdedup.duplicates.decisions import apply_decisions, load_decisions
-from mgdedup.duplicates.grouping import Group, keeper_order, star_groups
+from mgdedup.duplicates.grouping import Group, star_groups
+from mgdedup.duplicates.keepers import KeeperRule, Traits, collect_traits, is_framed_copy
 from mgdedup.duplicates.report_text import FileFacts
 from mgdedup.duplicates.score_norm import ScoreNorm, collection_background, normalise
 from mgdedup.errors import MgdedupError
@@ -40,6 +41,11 @@ class DedupResult:
     score_norm: ScoreNorm | None = None  # scores are SSCD-normalised when set
     #: what a member's score is: "copy" (P(copy), in [0, 1]), "cosine", "sscd-normalised"
     score_kind: str = "cosine"
+    keep_rule: str = "original"  # the keeper rule (`mgdedup.duplicates.keepers`)
+    #: indexed files no longer at their path (moved or deleted since indexing), left out
+    gone: int = 0
+    #: what the keeper rule saw of each file with a pair (row -> Traits)
+    traits: dict[int, Traits] = field(default_factory=dict)
 
     @property
     def duplicate_count(self) -> int:
@@ -53,8 +59,9 @@ class DedupResult:
 def file_facts(store: IndexStore) -> list[FileFacts]:
     paths = store.absolute_paths()
     widths, heights, sizes = store.read("width"), store.read("height"), store.read("size")
-    return [FileFacts(str(path), int(w), int(h), int(s))
-            for path, w, h, s in zip(paths, widths, heights, sizes)]
+    mtimes = store.read("mtime_ns")
+    return [FileFacts(str(path), int(w), int(h), int(s), int(m))
+            for path, w, h, s, m in zip(paths, widths, heights, sizes, mtimes)]
 
 
 def choose_threshold(index_dir: Path, threshold: float | None, precision: float | None,
@@ -95,7 +102,7 @@ def choose_threshold(index_dir: Path, threshold: float | None, precision: float 
 def find_duplicates(index_dir: Path, threshold: float | None = None,
                     block_rows: int = 16384, *, precision: float | None = None,
                     score_norm: ScoreNorm | None = None, scoring: str | None = None,
-                    workers: int | None = None,
+                    workers: int | None = None, keep: KeeperRule | None = None,
                     on_calibrate: Callable[[str], None] | None = None,
                     on_verify: Callable[[int], None] | None = None,
                     on_verified: Callable[[int], None] | None = None,
@@ -110,7 +117,14 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
     keeper, star groups; with `score_norm` ("normalised") the SSCD-normalised one. The
     threshold is chosen by `choose_threshold` (given, measured, or calibrated for `precision`;
     extra keyword options go to `mgdedup.duplicates.precision.calibrate_index`).
+
+    The keeper of each group is chosen by `keep` (default: the original where it can be
+    told, `mgdedup.duplicates.keepers`), with the files a person chose as keepers first.
+    Files no longer at their indexed path (moved by an applied action, deleted) are left
+    out and counted in `gone`.
     """
+    decisions = load_decisions(index_dir)
+    keep = _with_choices(keep, decisions.keepers)
     scorer = _copy_scorer(index_dir) if scoring in (None, "copy") and score_norm is None \
         else None
     if scoring == "copy" and scorer is None:
@@ -118,7 +132,7 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
                            "--score cosine")
     if scorer is not None:
         return _find_copies(index_dir, scorer, threshold, precision, block_rows, workers,
-                            on_verify, on_verified)
+                            keep, on_verify, on_verified)
     threshold, source, target = choose_threshold(index_dir, threshold, precision, score_norm,
                                                  on_calibrate, **calibrate_options)
     with IndexDir(index_dir).open_store() as store:
@@ -144,18 +158,53 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
                                         score_norm))
             return score
 
-        i, j, scores = apply_decisions(load_decisions(index_dir), [f.path for f in facts],
+        i, j, scores = apply_decisions(decisions, [f.path for f in facts],
                                        i, j, scores, similarity)
-        groups = star_groups(len(facts), i, j, scores, _keeper_order(facts))
+        i, j, scores, gone = _without_gone_files(facts, i, j, scores)
+        traits = _traits(facts, i, j, keep)
+        groups = star_groups(len(facts), i, j, scores, keep.order(len(facts), traits))
+        _explain_keepers(groups, traits, keep)
         _add_cosines(store, groups)
     return DedupResult(threshold=threshold, groups=groups, facts=facts, threshold_source=source,
                        target_precision=target, score_norm=score_norm,
-                       score_kind="sscd-normalised" if score_norm is not None else "cosine")
+                       score_kind="sscd-normalised" if score_norm is not None else "cosine",
+                       keep_rule=keep.rule, gone=gone, traits=traits)
 
 
-def _keeper_order(facts: list[FileFacts]) -> np.ndarray:
-    return keeper_order(pixels=[f.width * f.height for f in facts],
-                        sizes=[f.size for f in facts], paths=[f.path for f in facts])
+def _with_choices(keep: KeeperRule | None, chosen: set[str]) -> KeeperRule:
+    """The keeper rule asked for (default: original), with the files a person chose."""
+    keep = keep or KeeperRule()
+    return KeeperRule(keep.rule, keep.prefer, frozenset(keep.chosen) | frozenset(chosen))
+
+
+def _traits(facts: list[FileFacts], i: np.ndarray, j: np.ndarray, keep: KeeperRule,
+            framed: set[int] | None = None) -> dict[int, Traits]:
+    rows = np.unique(np.concatenate([i, j])).tolist() if len(i) else []
+    return collect_traits(rows, [f.path for f in facts], [f.width * f.height for f in facts],
+                          [f.size for f in facts], [f.mtime_ns for f in facts], keep,
+                          framed or set())
+
+
+def _explain_keepers(groups: list[Group], traits: dict[int, Traits], keep: KeeperRule) -> None:
+    for group in groups:
+        group.keeper_reason = keep.reason(traits[group.keeper],
+                                          [traits[row] for row, _ in group.members])
+
+
+def _without_gone_files(facts: list[FileFacts], i: np.ndarray, j: np.ndarray,
+                        scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Drop pairs with a file no longer at its indexed path (an applied move or delete, a
+    file removed by hand): a group never lists what is not there, and `gone` says how many
+    such files had pairs (`mgdedup index` refreshes the index)."""
+    if not len(i):
+        return i, j, scores, 0
+    rows = np.unique(np.concatenate([i, j]))
+    missing = np.array([not os.path.lexists(facts[row].path) for row in rows.tolist()], bool)
+    if not missing.any():
+        return i, j, scores, 0
+    gone = rows[missing]
+    keep = ~(np.isin(i, gone) | np.isin(j, gone))
+    return i[keep], j[keep], scores[keep], int(missing.sum())
 
 
 def has_copy_score(index_dir: Path) -> bool:
@@ -174,7 +223,7 @@ def _copy_scorer(index_dir: Path) -> CopyScorer | None:
 
 def _find_copies(index_dir: Path, scorer: CopyScorer, threshold: float | None,
                  precision: float | None, block_rows: int, workers: int | None,
-                 on_verify: Callable[[int], None] | None,
+                 keep: KeeperRule, on_verify: Callable[[int], None] | None,
                  on_verified: Callable[[int], None] | None) -> DedupResult:
     """Copy scoring (see `find_duplicates`)."""
     if threshold is not None and precision is not None:
@@ -199,16 +248,39 @@ def _find_copies(index_dir: Path, scorer: CopyScorer, threshold: float | None,
                                   block_rows=block_rows, workers=workers,
                                   cache=IndexDir(index_dir).verified, on_start=on_verify,
                                   on_progress=on_verified)
-        keep = scored.probability >= np.float32(threshold)
-        i, j, scores = scored.i[keep], scored.j[keep], scored.probability[keep]
+        kept = np.flatnonzero(scored.probability >= np.float32(threshold))
+        framed = _framed_copies(scored, kept, facts)
+        i, j, scores = scored.i[kept], scored.j[kept], scored.probability[kept]
         i, j, scores = _without_same_files(facts, i, j, scores)
         i, j, scores = apply_decisions(load_decisions(index_dir), [f.path for f in facts],
                                        i, j, scores, lambda a, b: 1.0)  # a person said so
+        i, j, scores, gone = _without_gone_files(facts, i, j, scores)
+        traits = _traits(facts, i, j, keep, framed)
         groups = _one_path_per_file(facts, component_groups(len(facts), i, j, scores,
-                                                            _keeper_order(facts)))
+                                                            keep.order(len(facts), traits)))
+        _explain_keepers(groups, traits, keep)
         _add_cosines(store, groups)
     return DedupResult(threshold=float(threshold), groups=groups, facts=facts,
-                       threshold_source=source, target_precision=target, score_kind="copy")
+                       threshold_source=source, target_precision=target, score_kind="copy",
+                       keep_rule=keep.rule, gone=gone, traits=traits)
+
+
+def _framed_copies(scored, kept: np.ndarray, facts: list[FileFacts]) -> set[int]:
+    """Rows that a kept pair's verified match shows to be a screenshot or paste of the
+    pair's other file (`keepers.is_framed_copy`)."""
+    framed: set[int] = set()
+    for k in kept.tolist():
+        evidence = scored.evidence[k]
+        if evidence.inliers <= 0:
+            continue
+        a, b = int(scored.i[k]), int(scored.j[k])
+        pixels_a = facts[a].width * facts[a].height
+        pixels_b = facts[b].width * facts[b].height
+        if is_framed_copy(evidence.cover_a, pixels_a, evidence.cover_b, pixels_b):
+            framed.add(a)
+        if is_framed_copy(evidence.cover_b, pixels_b, evidence.cover_a, pixels_a):
+            framed.add(b)
+    return framed
 
 
 def _add_cosines(store: IndexStore, groups: list[Group]) -> None:

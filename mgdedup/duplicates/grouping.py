@@ -18,6 +18,7 @@ class Group:
     keeper: int
     members: list[tuple[int, float]] = field(default_factory=list)  # (row, similarity to keeper)
     cosines: dict[int, float] = field(default_factory=dict)  # row -> raw cosine to the keeper
+    keeper_reason: str = ""  # why this file is the keeper, in words (`keepers.KeeperRule`)
 
     @property
     def best_score(self) -> float:

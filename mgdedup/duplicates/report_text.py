@@ -23,6 +23,7 @@ class FileFacts:
     width: int
     height: int
     size: int
+    mtime_ns: int = 0
 
 
 def _group_bytes(group: Group, facts: Sequence[FileFacts]) -> int:
@@ -31,12 +32,13 @@ def _group_bytes(group: Group, facts: Sequence[FileFacts]) -> int:
 
 def groups_to_json(groups: Sequence[Group], facts: Sequence[FileFacts], threshold: float, *,
                    threshold_source: str | None = None, target_precision: float | None = None,
-                   score_kind: str = "cosine") -> str:
+                   score_kind: str = "cosine", keep_rule: str | None = None) -> str:
     """Everything the HTML report shows, for programs.
 
     Kept from the first version: "threshold", and per group "keeper" (path) and "members"
     (path, score). Added: "threshold_source" (threshold | measured | default | precision),
     "target_precision", "score" (what a score is: copy | cosine | sscd-normalised),
+    "keep_rule" and per group "keeper_reason" (why that file is kept),
     "summary" (images indexed, groups, duplicates, reclaimable bytes, threshold), per group
     its number, size and reclaimable bytes, member width/height/bytes and "cosine" (the raw
     cosine to the keeper, whatever the score), and "files": keeper then members with role,
@@ -63,6 +65,7 @@ def groups_to_json(groups: Sequence[Group], facts: Sequence[FileFacts], threshol
         "threshold_source": threshold_source,
         "target_precision": target_precision,
         "score": score_kind,
+        "keep_rule": keep_rule,
         "summary": summary,
         "groups": [
             {
@@ -70,6 +73,7 @@ def groups_to_json(groups: Sequence[Group], facts: Sequence[FileFacts], threshol
                 "size": 1 + len(group.members),
                 "reclaimable_bytes": _group_bytes(group, facts),
                 "keeper": facts[group.keeper].path,
+                "keeper_reason": group.keeper_reason,
                 "members": [{"path": facts[row].path, "score": round(score, 6),
                              "width": facts[row].width, "height": facts[row].height,
                              "bytes": facts[row].size, "cosine": _cosine(group, row)}
@@ -95,7 +99,7 @@ def _cosine(group: Group, row: int) -> float | None:
 #: the first seven columns are the original ones, in their order; new ones go at the end
 CSV_COLUMNS = ("group", "role", "path", "score", "width", "height", "bytes", "group_size",
                "group_reclaimable_bytes", "images_indexed", "threshold", "threshold_source",
-               "score_kind", "cosine")
+               "score_kind", "cosine", "keeper_reason")
 
 
 def groups_to_csv(groups: Sequence[Group], facts: Sequence[FileFacts],
@@ -118,13 +122,14 @@ def groups_to_csv(groups: Sequence[Group], facts: Sequence[FileFacts],
         per_group = [1 + len(group.members), _group_bytes(group, facts)]
         self_score = "1.0" if score_kind == "cosine" else ""
         writer.writerow([number, "keeper", csv_safe(keeper.path), self_score, keeper.width,
-                         keeper.height, keeper.size, *per_group, *shared, "1.0"])
+                         keeper.height, keeper.size, *per_group, *shared, "1.0",
+                         csv_safe(group.keeper_reason)])
         for row, score in group.members:
             member = facts[row]
             cosine = _cosine(group, row)
             writer.writerow([number, "member", csv_safe(member.path), f"{score:.6f}", member.width,
                              member.height, member.size, *per_group, *shared,
-                             "" if cosine is None else f"{cosine:.6f}"])
+                             "" if cosine is None else f"{cosine:.6f}", ""])
     return buffer.getvalue()
 
 
@@ -134,7 +139,9 @@ def print_groups_table(groups: Sequence[Group], facts: Sequence[FileFacts],
     cosine beside a copy score, so the two scales are never confused)."""
     with_cosine = score_kind != "cosine"
     for number, group in enumerate(groups, start=1):
-        table = Table(title=f"group {number}", title_justify="left", show_edge=False,
+        title = f"group {number}" + (f" (keeper: {group.keeper_reason})"
+                                     if group.keeper_reason else "")
+        table = Table(title=printable(title), title_justify="left", show_edge=False,
                       pad_edge=False, expand=False)
         table.add_column("", no_wrap=True)
         table.add_column("P(copy)" if score_kind == "copy" else "score", justify="right",

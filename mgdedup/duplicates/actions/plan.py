@@ -46,6 +46,8 @@ class PlannedStep:
     mtime_ns: int = -1
     run_id: str = ""
     keeper_indexed: Indexed | None = None  # the keeper as indexed, checked again before acting
+    score: float | None = None  # the duplicate's score in its group (for the dry run)
+    why_kept: str = ""  # why the keeper is the keeper (`mgdedup.duplicates.keepers`)
 
 
 def new_run_id() -> str:
@@ -95,11 +97,12 @@ def plan_actions(index_dir: Path, result: DedupResult, action: Action | str,
     for group in result.groups:
         keeper_path = result.facts[group.keeper].path
         keeper = resolve(keeper_path)
-        for row, _score in group.members:
+        for row, score in group.members:
             source = Path(os.path.abspath(result.facts[row].path))
             step = _plan_one(source, keeper, action, roots, stored, keepers, keeper_files,
                              reserved, planned_files)
             step.run_id = run_id
+            step.score, step.why_kept = score, group.keeper_reason
             step.keeper_indexed = stored.get(os.path.abspath(keeper_path))
             if step.kind != SKIP:
                 if keeper not in checked_keepers:
@@ -222,19 +225,24 @@ def _root_of(resolved: Path, roots: Sequence[Path]) -> Path | None:
     return max(inside, key=lambda r: len(r.parts)) if inside else None
 
 
-def describe_plan(steps: Iterable[PlannedStep]) -> list[str]:
-    """One line per step saying exactly what `apply_plan` would do (the dry run)."""
-    return [_describe(step) for step in steps]
+def describe_plan(steps: Iterable[PlannedStep], score_kind: str = "copy") -> list[str]:
+    """One line per step saying exactly what `apply_plan` would do (the dry run), with the
+    keeper it is a duplicate of, why that file is kept, and the duplicate's score:
+    `keep K (oldest) <- move A (P(copy) 0.982) -> DEST`."""
+    label = {"copy": "P(copy)", "sscd-normalised": "normalised"}.get(score_kind, "cosine")
+    return [_describe(step, label) for step in steps]
 
 
-def _describe(step: PlannedStep) -> str:
+def _describe(step: PlannedStep, label: str) -> str:
+    kept = f"keep {step.keeper}" + (f" ({step.why_kept})" if step.why_kept else "")
+    score = f" ({label} {step.score:.3f})" if step.score is not None else ""
     if step.kind == SKIP:
-        return f"skip {step.source}: {step.reason}"
+        return f"{kept} <- skip {step.source}{score}: {step.reason}"
     if step.kind == Action.MOVE.value:
-        return f"move {step.source} -> {step.destination}"
+        return f"{kept} <- move {step.source}{score} -> {step.destination}"
     if step.kind == Action.DELETE.value:
         if step.destination is None:
-            return f"delete {step.source} PERMANENTLY (cannot be undone)"
-        return f"delete {step.source} (moved to {step.destination})"
-    return (f"{step.kind} {step.source} -> {step.keeper} (original moved to "
+            return f"{kept} <- delete {step.source}{score} PERMANENTLY (cannot be undone)"
+        return f"{kept} <- delete {step.source}{score} (moved to {step.destination})"
+    return (f"{kept} <- {step.kind} {step.source}{score} -> {step.keeper} (original moved to "
             f"{step.destination})")
