@@ -21,6 +21,7 @@ from mgdedup.cli.shell import (
     Format,
     IndexOption,
     ModelOption,
+    UsageError,
     WorkersOption,
     app,
     progress_bar,
@@ -42,6 +43,25 @@ from mgdedup.imaging.edits import MAX_AUG_COPIES
 
 if TYPE_CHECKING:
     from mgdedup.duplicates.find import DedupResult
+
+
+class KeepRule(str, Enum):
+    original = "original"
+    most_pixels = "most-pixels"
+    largest = "largest"
+    oldest = "oldest"
+    newest = "newest"
+    exif = "exif"
+
+
+def keeper_rule(keep: KeepRule, prefer: list[Path] | None):
+    """The library's keeper rule from the CLI options; --prefer folders must exist."""
+    from mgdedup.duplicates.keepers import KeeperRule
+
+    for folder in prefer or ():
+        if not folder.expanduser().is_dir():
+            raise MgdedupError(f"--prefer {folder}: not a folder")
+    return KeeperRule(keep.value, tuple(prefer or ()))
 
 
 class Score(str, Enum):
@@ -93,8 +113,18 @@ def dedup(
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, help="Threads verifying candidate pairs (default: one per core)."
     )] = None,
+    keep: Annotated[KeepRule, typer.Option(
+        "--keep", help="Which file of a group is kept. original: the one the others are "
+                       "copies of where that can be told (camera EXIF, shows the picture "
+                       "largest rather than as a screenshot or paste, modified first), then "
+                       "most pixels; or most-pixels, largest, oldest, newest, exif. Files "
+                       "chosen in `mgdedup review` always win.")] = KeepRule.original,
+    prefer: Annotated[list[Path] | None, typer.Option(
+        "--prefer", help="Keep files below this folder before any rule (repeatable; the "
+                         "first given wins).")] = None,
 ) -> None:
-    """Print duplicate groups: a keeper (most pixels, then largest file) and its copies.
+    """Print duplicate groups: the file kept (the original, where it can be told; why is
+    printed with each group) and its copies.
 
     Examples: mgdedup dedup; mgdedup dedup --threshold 0.9 --format json > groups.json;
     mgdedup dedup --action move --to ~/dups (dry run), then the same with --apply
@@ -104,6 +134,9 @@ def dedup(
     from mgdedup.duplicates.score_norm import ScoreNorm, default_score_norm
     from mgdedup.index.layout import find_index
 
+    if apply and action is None:
+        raise UsageError("--apply needs --action move|delete|hardlink|symlink (nothing to "
+                         "apply)")
     if threshold is not None and precision is not None:
         raise MgdedupError("give --threshold or --precision, not both")
     if score is not None and score_norm is not None and \
@@ -136,11 +169,14 @@ def dedup(
         result = find_duplicates(
             where, threshold, precision=precision, score_norm=norm,
             scoring="copy" if score is Score.copy else "cosine", workers=workers,
-            on_calibrate=calibrating,
+            keep=keeper_rule(keep, prefer), on_calibrate=calibrating,
             on_verify=lambda total: progress.update(verify, total=total, visible=True),
             on_verified=lambda count: progress.advance(verify, count),
             on_start=lambda total: progress.update(task, total=total),
             on_progress=lambda count: progress.advance(task, count))
+    if result.gone:
+        say(f"{result.gone} indexed files are no longer where they were indexed (moved or "
+            "deleted) and are left out; `mgdedup index` refreshes the index")
     if action is not None:
         _act(where, result, action, to, apply, permanent)
         return
@@ -148,7 +184,7 @@ def dedup(
     if output_format is Format.html:
         from mgdedup.duplicates.report_html import write_html
 
-        write_html(result, out.expanduser())
+        write_html(result, out.expanduser(), index_dir=where)
         say(f"wrote {out} ({len(result.groups)} groups)")
     elif output_format is Format.table and out is None:
         print_groups_table(result.groups, result.facts, Console(), result.score_kind)
@@ -157,7 +193,8 @@ def dedup(
             text = groups_to_json(result.groups, result.facts, result.threshold,
                                   threshold_source=result.threshold_source,
                                   target_precision=result.target_precision,
-                                  score_kind=result.score_kind) + "\n"
+                                  score_kind=result.score_kind,
+                                  keep_rule=result.keep_rule) + "\n"
         elif output_format is Format.csv:
             text = groups_to_csv(result.groups, result.facts, result.threshold,
                                  threshold_source=result.threshold_source,
@@ -196,7 +233,7 @@ def _act(where: Path, result: DedupResult, action: Action, to: Path | None, appl
                          to.expanduser() if to is not None else None, permanent)
     if not apply:
         say(f"index: {where}")
-        for line in describe_plan(steps):
+        for line in describe_plan(steps, result.score_kind):
             typer.echo(printable(line))
         say(f"dry run: nothing changed; add --apply to {action.value} "
                   f"{sum(s.kind != SKIP for s in steps)} files")
@@ -222,13 +259,22 @@ def undo(
 
     Example: mgdedup undo
     """
+    from mgdedup.duplicates.actions.manifest import manifests_of
     from mgdedup.duplicates.actions.undo import latest_manifest
     from mgdedup.duplicates.actions.undo import undo as undo_manifest
-    from mgdedup.index.layout import find_index
+    from mgdedup.index.layout import IndexDir, find_index
 
+    where = None
     if manifest is None:
-        manifest = latest_manifest(find_index(index_dir))
+        where = find_index(index_dir)
+        manifest = latest_manifest(where)
     report = undo_manifest(manifest.expanduser())
+    if report.nothing_left and not report.not_undoable:
+        older = manifests_of(IndexDir(where).actions)[:-1] if where is not None else []
+        say(f"nothing left to undo: every file of the latest action ({manifest}) is back "
+            f"({report.already_undone} in place)"
+            + (f"; an older one: mgdedup undo {older[-1]}" if older else ""))
+        return
     for message in report.messages:
         say(message)
     say(f"{report.restored} restored, {report.already_undone} already in place, "
@@ -372,3 +418,52 @@ def calibrate(
               f"{calibration.neighbours} neighbours each; copies per image: "
               f"{calibration.estimated_copy_rate:.3g} estimated, {calibration.copy_rate:.3g} "
               f"used ({calibration.mode} scores); stored in {path}")
+
+
+@app.command()
+@user_errors
+def review(
+    index_dir: IndexOption = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", "-t", min=0.0, max=1.0,
+        help="Copy score at or above which files group (default: the measured one).")] = None,
+    keep: Annotated[KeepRule, typer.Option(
+        "--keep", help="Keeper rule before your choices (see `dedup --keep`).")
+    ] = KeepRule.original,
+    prefer: Annotated[list[Path] | None, typer.Option(
+        "--prefer", help="Keep files below this folder first (repeatable).")] = None,
+    port: Annotated[int, typer.Option(
+        "--port", min=0, max=65535, help="Port on 127.0.0.1 (default: a free one).")] = 0,
+    open_browser: Annotated[bool, typer.Option(
+        "--open/--no-open", help="Open the page in the default browser.")] = True,
+) -> None:
+    """Review the duplicate groups in a local page: compare side by side, keep another file,
+    mark not-duplicate / duplicate (saved in the index for every later dedup), then apply an
+    action after reading its dry run. Serves 127.0.0.1 only, with a per-run token.
+
+    Example: mgdedup review
+    """
+    from mgdedup.index.layout import find_index
+    from mgdedup.review.server import ReviewServer
+    from mgdedup.review.session import ReviewSession
+
+    where = find_index(index_dir)
+    session = ReviewSession(where, threshold, keeper_rule(keep, prefer))
+    say(f"index: {where}; finding the groups")
+    document = session.groups_document()
+    try:
+        server = ReviewServer(session, port)
+    except OSError as error:
+        raise MgdedupError(f"cannot listen on 127.0.0.1:{port}: {error.strerror}") from None
+    say(f"{len(document['groups'])} groups; review at {server.url} (this machine only; "
+        "Ctrl+C stops)")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        say("review stopped; decisions are saved in the index")
+    finally:
+        server.server_close()

@@ -46,6 +46,10 @@ def index(
         help="FAISS index for search, remembered by the index: 'Flat' (exact), e.g. "
              "'IVF4096,Flat' (approximate, for millions of images), or 'auto' (exact up to "
              "250k images, IVF above). Default: what the index remembers, else auto.")] = None,
+    remember: Annotated[bool | None, typer.Option(
+        "--remember/--no-remember",
+        help="Make this the index later commands use when not told --index. Default: yes, "
+             "unless only single files are indexed.")] = None,
 ) -> None:
     """Embed every image below FOLDERS; re-running only embeds new or changed files.
 
@@ -73,7 +77,8 @@ def index(
                               advance=lambda count: progress.advance(task, count))
         summary = update_index(folders, index_dir, loaded, spec, resolution,
                                batch_size=batch_size, workers=workers, rebuild=rebuild,
-                               device=device, progress=hooks, shard=parsed, factory=factory)
+                               device=device, progress=hooks, shard=parsed, factory=factory,
+                               remember=remember)
     if summary.salvaged is not None:
         kept, aside = summary.salvaged
         say(f"warning: the index was damaged; {kept if kept is not None else 'no'} rows could "

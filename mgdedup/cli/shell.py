@@ -2,13 +2,15 @@
 progress bars and common options. Command modules (`mgdedup.cli.*`) register on `app`.
 
 Data (tables, JSON, CSV) goes to stdout; messages and progress bars go to stderr. A user
-mistake prints one line and exits with 1; usage errors exit with 2 (Typer's own).
+mistake prints one line and exits with 1; a usage error (an unknown option, a value out of
+range) prints one line `error: ...` and exits with 2.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -29,18 +31,58 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+from typer.core import TyperGroup
+
+try:  # Typer >= 0.20 carries its own copy of Click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older Typer on Click
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from mgdedup.errors import MgdedupError
 from mgdedup.files.names import printable
 
+
+class OneLineErrors(TyperGroup):
+    """Usage errors as one line on stderr (`error: ...`, exit code 2) instead of Typer's
+    framed box: what a person can read at a glance and a script can grep."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except NoArgsIsHelpError as error:
+            print(error.format_message(), file=sys.stderr)
+            sys.exit(error.exit_code)
+        except UsageError as error:
+            where = error.ctx.command_path if error.ctx is not None else "mgdedup"
+            message = error.format_message().replace("Value error, ", "")
+            _one_line_error(f"{message} (see: {where} --help)")
+            sys.exit(error.exit_code)
+        except ClickException as error:
+            _one_line_error(error.format_message())
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            _one_line_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line_error(message: str) -> None:
+    err.print(Text.assemble(("error:", "bold red"), " ",
+                            " ".join(printable(message).split())), soft_wrap=True)
+
+
 app = typer.Typer(
-    name="mgdedup", no_args_is_help=True, add_completion=False,
+    name="mgdedup", cls=OneLineErrors, no_args_is_help=True, add_completion=False,
     help="Find copies and near-duplicates in image collections, and classify images, "
          "from one MultiGrain embedding.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 #: messages: never rich markup (a path like ``dir[/]x.jpg`` or ``[bold]x.jpg`` is text)
-err = Console(stderr=True, markup=False, highlight=False, emoji=False)
+#: soft-wrapped: a long line piped to a file or a log stays one line
+err = Console(stderr=True, markup=False, highlight=False, emoji=False, soft_wrap=True)
 log = logging.getLogger("mgdedup")
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -72,8 +114,7 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except MgdedupError as error:
-            err.print(Text.assemble(("error:", "bold red"), " ", printable(str(error))),
-                      soft_wrap=True)
+            _one_line_error(str(error))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             say("interrupted; finished batches are saved, run the command again to resume")

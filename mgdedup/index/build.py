@@ -140,8 +140,12 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
                  model_name: str, resolution: int, *, batch_size: int = 16,
                  workers: int | None = None, rebuild: bool = False, device: str = "cpu",
                  progress: ProgressHooks | None = None, shard: Shard | str | None = None,
-                 factory: str | None = None) -> IndexSummary:
+                 factory: str | None = None, remember: bool | None = None) -> IndexSummary:
     """Bring the index in `index_dir` up to date with the images below `roots`.
+
+    `remember`: make it the index later commands use by default (`find_index`); None:
+    unless every root is a single file (a one-off index must not replace the user's
+    collection as the one `dedup` or `undo` finds).
 
     `shard` ("K/N" or a Shard): embed only this worker's share of the files; the index
     records it, and `mgdedup merge` combines the N shard indexes. `factory`: FAISS factory
@@ -176,7 +180,10 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
                                  resolution, batch_size=batch_size, workers=workers,
                                  rebuild=rebuild, device=device, progress=progress,
                                  shard=shard, factory=factory)
-    remember_index(index_dir)
+    if remember is None:
+        remember = not all(Path(r).expanduser().is_file() for r in roots)
+    if remember:
+        remember_index(index_dir)
     return summary
 
 
