@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from html import escape
 from html.parser import HTMLParser
 
 import pytest
@@ -95,6 +96,16 @@ def test_structure_matches_the_groups(result, document):
     assert len(parsed.figures) == len(result.groups) + result.duplicate_count
 
 
+def test_header_says_what_the_report_is_of(result):
+    page = render_html(result, thumb_px=THUMB_PX, index_dir="/data/idx")
+    where = re.search(r'<p class="where">([^<]*)</p>', page).group(1)
+    assert where.startswith("index /data/idx \u00b7 made ")
+    assert f"threshold {result.threshold:g} (measured for the model, copy score)" in where
+    assert "keeper rule original" in where
+    for group in result.groups:  # each group says why its keeper is kept
+        assert f"keeper: {escape(group.keeper_reason)}</p>" in page
+
+
 def test_summary_and_member_facts(result, document):
     text = re.sub(r"<[^>]+>", " ", document)
     assert f"{result.threshold:.3f}" in text
@@ -129,8 +140,12 @@ def test_thumbnails_are_small_embedded_jpegs(document):
 
 def test_nothing_is_fetched_from_anywhere(document):
     parsed = parse(document)
-    assert all(url.startswith("data:image/jpeg;base64,") for url in parsed.urls), \
-        [u[:60] for u in parsed.urls if not u.startswith("data:")]
+    # images are data URIs; the only links are fragments of this page (enlarge, close)
+    assert all(url.startswith(("data:image/jpeg;base64,", "#")) for url in parsed.urls), \
+        [u[:60] for u in parsed.urls if not u.startswith(("data:", "#"))]
+    ids = set(re.findall(r'<figure class="image" id="([^"]+)"', document))
+    enlarge = re.findall(r'<a class="enlarge" href="#([^"]+)"', document)
+    assert enlarge and set(enlarge) == ids and len(ids) == len(parsed.figures)
     lowered = document.lower()
     for needle in ("http://", "https://", 'src="/', "src='/", "url(", "@import", "//fonts."):
         assert needle not in lowered, needle

@@ -6,6 +6,11 @@ Paths come from the file system and are untrusted: every piece of text and every
 goes through `html.escape`. A file that cannot be read (deleted since indexing, damaged) gets
 a grey placeholder with the reason; it never stops the report.
 
+Each thumbnail enlarges on click (CSS `:target`, no script) and the groups sit in a grid of
+cards, several per screen; the header says which index, when, at which threshold chosen how,
+and each group why its keeper is kept. `mgdedup review` is the interactive page (full-size
+compare, decisions).
+
 Large reports stay quick to open: thumbnails are small, `loading="lazy"`, and group cards use
 `content-visibility: auto` so the browser only lays out the cards on screen. Each file is
 decoded once (draft-decoded for JPEG) even when it appears in several places.
@@ -112,13 +117,16 @@ SCORE_TITLES = {
 
 
 def _figure(facts: FileFacts, thumb: Thumbnail, role: str, score: float | None,
-            thumb_px: int, score_kind: str = "cosine", cosine: float | None = None) -> str:
+            thumb_px: int, score_kind: str = "cosine", cosine: float | None = None,
+            anchor: str = "") -> str:
     shown = printable(facts.path)  # control characters and undecodable bytes escaped
     path = escape(shown, quote=True)
     name = escape(os.path.basename(shown) or shown, quote=True)
     if thumb.uri is not None:
-        picture = (f'<img src="{thumb.uri}" width="{thumb.width}" height="{thumb.height}" '
-                   f'loading="lazy" decoding="async" alt="{name}">')
+        picture = (f'<a class="enlarge" href="#{anchor}" title="enlarge">'
+                   f'<img src="{thumb.uri}" width="{thumb.width}" height="{thumb.height}" '
+                   f'loading="lazy" decoding="async" alt="{name}"></a>'
+                   '<a class="close" href="#_" title="close">\u00d7</a>')
     else:
         reason = escape(thumb.reason or "unreadable", quote=True)
         picture = (f'<div class="placeholder" role="img" aria-label="{name}: {reason}">'
@@ -137,7 +145,7 @@ def _figure(facts: FileFacts, thumb: Thumbnail, role: str, score: float | None,
     if cosine is not None:
         score_attr += f' data-cosine="{cosine:.6f}"'
     return (
-        f'<figure class="image" data-role="{role}" data-path="{path}" '
+        f'<figure class="image" id="{anchor}" data-role="{role}" data-path="{path}" '
         f'data-width="{facts.width}" data-height="{facts.height}" data-bytes="{facts.size}"'
         f'{score_attr}>'
         f'<div class="thumb" style="height:{thumb_px}px">{picture}</div>'
@@ -161,15 +169,26 @@ h1 { margin: 0 0 10px; font-size: 20px; }
 .summary dt { color: var(--muted); font-size: 12px; text-transform: uppercase;
   letter-spacing: .04em; }
 .summary dd { margin: 0; font-size: 18px; font-weight: 600; font-variant-numeric: tabular-nums; }
-main { padding: 16px 24px 40px; }
-.empty { color: var(--muted); font-size: 16px; }
+main { padding: 16px 24px 40px; display: grid; gap: 16px;
+  grid-template-columns: repeat(auto-fill, minmax(min(100%, 600px), 1fr)); align-items: start; }
+.where { margin: 0 0 10px; color: var(--muted); font-size: 13px; overflow-wrap: anywhere; }
+.reason { color: var(--keep); font-weight: 400; }
+.enlarge { display: contents; cursor: zoom-in; }
+.close { display: none; }
+.image:target .thumb { position: fixed; inset: 0; z-index: 10; height: auto !important;
+  background: rgba(10, 14, 22, .88); }
+.image:target .thumb img { width: auto; height: auto; max-width: 96vw; max-height: 92vh;
+  min-width: min(96vw, calc(2 * var(--thumb, 240px))); object-fit: contain; cursor: default; }
+.image:target .close { display: block; position: fixed; top: 12px; right: 20px; color: #fff;
+  font-size: 34px; text-decoration: none; line-height: 1; }
+.empty { color: var(--muted); font-size: 16px; grid-column: 1 / -1; }
 .group { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
-  margin: 0 0 16px; padding: 12px 16px 14px;
+  margin: 0; padding: 12px 16px 14px;
   content-visibility: auto; contain-intrinsic-size: auto 300px; }
 .group h2 { margin: 0 0 10px; font-size: 15px; }
 .group h2 small { color: var(--muted); font-weight: 400; }
 .images { display: flex; flex-wrap: wrap; gap: 12px; }
-.image { margin: 0; width: max(200px, calc(var(--thumb, 160px) + 20px)); padding: 8px;
+.image { margin: 0; width: max(200px, calc(var(--thumb, 240px) + 20px)); padding: 8px;
   border: 1px solid var(--line); border-radius: 6px; background: var(--card); }
 .image[data-role="keeper"] { border: 2px solid var(--keep); background: #f2fbf5; }
 .thumb { display: flex; align-items: center; justify-content: center; overflow: hidden; }
@@ -201,10 +220,12 @@ _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def render_html(result: DedupResult, title: str = "mgdedup duplicates",
-                thumb_px: int = 160, *, workers: int | None = None) -> str:
+                thumb_px: int = 240, *, workers: int | None = None,
+                index_dir: str | Path | None = None) -> str:
     """The whole report as one HTML document (a string; see `write_html`).
 
-    `workers` threads decode thumbnails (default: up to 8, by CPU count).
+    `workers` threads decode thumbnails (default: up to 8, by CPU count); `index_dir` is
+    named in the header.
     """
     if thumb_px < 1:
         raise ValueError("thumb_px must be positive")
@@ -245,7 +266,7 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
         f"<header>\n<h1>{escape(title)}</h1>\n<dl class=\"summary\" {data}>",
         "".join(f'<div data-key="{escape(key, quote=True)}"><dt>{escape(key)}</dt>'
                 f"<dd>{escape(value)}</dd></div>" for key, value in summary),
-        "</dl>\n</header>\n<main>\n",
+        "</dl>\n", _where(result, index_dir), "</header>\n<main>\n",
     ]
     if not result.groups:
         parts.append('<p class="empty">No duplicate groups at this threshold.</p>\n')
@@ -258,22 +279,44 @@ def render_html(result: DedupResult, title: str = "mgdedup duplicates",
             f'<h2>Group {number} '
             f"<small>\u00b7 keep 1, {count} duplicate{'s' if count != 1 else ''} \u00b7 "
             f"{escape(human_bytes(sum(facts[r].size for r, _ in group.members)))} "
-            f"reclaimable</small></h2><div class=\"images\">")
-        parts.append(_figure(keeper, thumbs[keeper.path], "keeper", None, thumb_px))
-        for row, score in group.members:
+            f"reclaimable</small></h2>"
+            + (f'<p class="where reason">keeper: {escape(printable(group.keeper_reason))}</p>'
+               if group.keeper_reason else "")
+            + '<div class="images">')
+        parts.append(_figure(keeper, thumbs[keeper.path], "keeper", None, thumb_px,
+                             anchor=f"g{number}-0"))
+        for place, (row, score) in enumerate(group.members, start=1):
             member = facts[row]
             parts.append(_figure(member, thumbs[member.path], "member", score, thumb_px,
-                                 score_kind, group.cosines.get(row)))
+                                 score_kind, group.cosines.get(row), anchor=f"g{number}-{place}"))
         parts.append("</div></section>\n")
     parts.append("</main>\n</body>\n</html>\n")
     return "".join(parts)
 
 
+def _where(result: DedupResult, index_dir: str | Path | None) -> str:
+    """The line saying what the report is of: index, date, threshold and its origin, rule."""
+    from datetime import datetime
+
+    origin = {"threshold": "given", "measured": "measured for the model",
+              "default": "generic default", "precision": f"precision {result.target_precision}"
+              }.get(result.threshold_source, result.threshold_source)
+    parts = ([f"index {printable(str(index_dir))}"] if index_dir is not None else []) + [
+        f"made {datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"threshold {result.threshold:g} ({origin}, {result.score_kind} score)",
+        f"keeper rule {result.keep_rule}"]
+    if result.gone:
+        parts.append(f"{result.gone} files gone since indexing left out")
+    line = " \u00b7 ".join(parts)
+    return f'<p class="where">{escape(line)}</p>\n'
+
+
 def write_html(result: DedupResult, path: str | Path, title: str = "mgdedup duplicates",
-               thumb_px: int = 160) -> Path:
+               thumb_px: int = 240, index_dir: str | Path | None = None) -> Path:
     """Render and write the report atomically (`mgdedup.files.atomic`); a folder that cannot
     be written is a one-line MgdedupError. Whether an existing file may be replaced is the
     caller's decision."""
     path = Path(path)
-    write_text(path, render_html(result, title=title, thumb_px=thumb_px), "report")
+    write_text(path, render_html(result, title=title, thumb_px=thumb_px, index_dir=index_dir),
+               "report")
     return path
