@@ -97,3 +97,18 @@ def test_dry_run_line_names_keeper_reason_and_score(lib, tmp_path):
     lines = dry.stdout.splitlines()
     assert len(lines) == 6 and all(pattern.match(line) for line in lines), dry.stdout
     assert "dry run: nothing changed; add --apply to move 6 files" in dry.stderr
+
+
+def test_demo_keeps_its_sample_and_says_where(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    done = run("demo", "-r", "224")
+    assert done.exit_code == 0, done.output
+    (sample,) = [p for p in tmp_path.iterdir() if p.name.startswith("mgdedup-demo-")]
+    assert (sample / ".mgdedup" / "embeddings.h5").is_file()
+    assert len(list((sample / "photos").iterdir())) == 10
+    assert re.search(r"found [1-5] of 5 planted copies", done.stderr)
+    assert done.stderr.rstrip().endswith(
+        f"the sample and its index are in {sample.resolve()}: try `mgdedup review --index "
+        f"{sample.resolve() / '.mgdedup'}`, or remove it with: rm -r {sample.resolve()}")
