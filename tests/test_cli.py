@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,12 @@ def _family(planted, folder: Path) -> dict[str, int]:
 def test_index_summary_line_and_files(first_run, planted):
     folder, result = first_run
     images = len(planted.originals) + len(planted.copies)
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"{images} indexed, 0 skipped; 0 unchanged, 0 removed; {images} images in "
-        f"{(folder / '.mgdedup').resolve()}")
+    last = result.stderr.strip().splitlines()[-1]
+    head = (f"{images} indexed, 0 skipped; 0 unchanged, 0 removed; {images} images in "
+            f"{(folder / '.mgdedup').resolve()}; in ")
+    assert last.startswith(head)
+    seconds, rate = re.fullmatch(r"(\d+\.\d) s, (\d+\.\d) images/s", last[len(head):]).groups()
+    assert float(rate) == pytest.approx(images / float(seconds), rel=0.1, abs=0.2)
     assert (folder / ".mgdedup" / "embeddings.h5").is_file()
     assert (folder / ".mgdedup" / "faiss.index").is_file()
     assert (folder / ".mgdedup" / "errors.jsonl").read_text() == ""

@@ -63,7 +63,7 @@ def test_after_apply_dedup_never_lists_moved_files_and_undo_twice(lib, tmp_path)
     assert len(moved) == 6
     after = run("dedup", "--index", index_dir, "--format", "json")
     assert json.loads(after.stdout)["groups"] == []
-    assert "6 indexed files are no longer where they were indexed" in after.stderr
+    assert "6 files that an applied action moved away are left out" in after.stderr
     first = run("undo", "--index", index_dir)
     assert first.exit_code == 0 and "6 restored" in first.stderr
     second = run("undo", "--index", index_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -24,6 +25,7 @@ from mgdedup.cli.shell import (
     UsageError,
     WorkersOption,
     app,
+    elapsed_and_rate,
     progress_bar,
     say,
     user_errors,
@@ -175,8 +177,8 @@ def dedup(
             on_start=lambda total: progress.update(task, total=total),
             on_progress=lambda count: progress.advance(task, count))
     if result.gone:
-        say(f"{result.gone} indexed files are no longer where they were indexed (moved or "
-            "deleted) and are left out; `mgdedup index` refreshes the index")
+        say(f"{result.gone} files that an applied action moved away are left out (`mgdedup "
+            "undo` puts them back; `mgdedup index` refreshes the index)")
     if action is not None:
         _act(where, result, action, to, apply, permanent)
         return
@@ -379,8 +381,9 @@ def calibrate(
                                f"got {target:g}")
     where = find_index(index_dir)
     say(f"index: {where}")
+    started = time.perf_counter()
     with progress_bar("copies") as progress:
-        task = progress.add_task("embedding copies", total=None)
+        task = progress.add_task("embedding copies", total=None, unit=" img/s")
         calibration = calibrate_index(
             where, sample=sample, aug_copies=aug_copies, neighbours=neighbours,
             prior_copy_rate=copy_rate, score_norm=ScoreNorm() if score_norm else None,
@@ -417,7 +420,9 @@ def calibrate(
     say(f"{calibration.sampled} images, {calibration.positives} synthetic copies, "
               f"{calibration.neighbours} neighbours each; copies per image: "
               f"{calibration.estimated_copy_rate:.3g} estimated, {calibration.copy_rate:.3g} "
-              f"used ({calibration.mode} scores); stored in {path}")
+              f"used ({calibration.mode} scores); stored in {path} "
+              + elapsed_and_rate(time.perf_counter() - started, calibration.positives,
+                                 "copies"))
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from mgdedup.cli.shell import (
     ModelOption,
     WorkersOption,
     app,
+    elapsed_and_rate,
     progress_bar,
     say,
     user_errors,
@@ -57,25 +59,27 @@ def index(
     N workers: mgdedup index ~/photos --shard K/N (K = 1..N), then
     mgdedup merge ~/photos/.mgdedup/shard-*-of-N --out ~/photos/.mgdedup
     """
-    from mgdedup.embedding.embedder import preferred_backend
+    from mgdedup.embedding.backend_choice import preferred_backend
     from mgdedup.index.build import ProgressHooks, Shard, update_index
     from mgdedup.index.layout import default_index_dir
-    from mgdedup.model.registry import canonical_spec, load_model
+    from mgdedup.model.registry import canonical_spec
 
     parsed = Shard.parse(shard) if shard is not None else None
-    spec = canonical_spec(model)
-    loaded = load_model(spec)
+    spec = canonical_spec(model)  # checked now; loaded only when something is embedded
     if out is not None:
         index_dir = out.expanduser()
     elif parsed is not None:  # N workers must not share one folder: one index each
         index_dir = default_index_dir(folders) / f"shard-{parsed.k}-of-{parsed.n}"
     else:
         index_dir = default_index_dir(folders)
+    started = time.perf_counter()
     with preferred_backend(backend), progress_bar("embedding") as progress:
-        task = progress.add_task("embedding", total=None)
-        hooks = ProgressHooks(start=lambda total: progress.update(task, total=total),
-                              advance=lambda count: progress.advance(task, count))
-        summary = update_index(folders, index_dir, loaded, spec, resolution,
+        task = progress.add_task("starting", total=None, unit=" img/s")
+        hooks = ProgressHooks(
+            start=lambda total: progress.update(task, total=total, description="embedding"),
+            advance=lambda count: progress.advance(task, count),
+            status=lambda text: progress.update(task, description=text))
+        summary = update_index(folders, index_dir, None, spec, resolution,
                                batch_size=batch_size, workers=workers, rebuild=rebuild,
                                device=device, progress=hooks, shard=parsed, factory=factory,
                                remember=remember)
@@ -86,7 +90,8 @@ def index(
     line = (f"{summary.embedded} indexed, {summary.skipped} skipped"
             + (f" (see {summary.errors_path})" if summary.skipped else "")
             + f"; {summary.unchanged} unchanged, {summary.removed} removed; "
-              f"{summary.total} images in {summary.index_dir}")
+              f"{summary.total} images in {summary.index_dir}; "
+            + elapsed_and_rate(time.perf_counter() - started, summary.embedded))
     say(line)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from mgdedup.cli.shell import (
     ModelOption,
     WorkersOption,
     app,
+    elapsed_and_rate,
     progress_bar,
     say,
     user_errors,
@@ -48,12 +50,18 @@ def whiten(
     if out.exists():
         raise MgdedupError(f"{out} exists; choose another --out (never overwritten)")
     check_writable(out, "model file")
+    for folder in folders:
+        if not folder.expanduser().is_dir():
+            raise MgdedupError(f"no such folder: {folder}")
+    started = time.perf_counter()
     with progress_bar("embedding") as progress:
-        task = progress.add_task("embedding", total=None)
+        task = progress.add_task("loading the model", total=None, unit=" img/s")
+        loaded = load_model(model)
+        progress.update(task, description="scanning")
         whitened, report = whiten_model(
-            load_model(model), folders, resolution, dim, workers=workers,
+            loaded, folders, resolution, dim, workers=workers,
             calibration_images=calibration_images,
-            on_start=lambda total: progress.update(task, total=total),
+            on_start=lambda total: progress.update(task, total=total, description="embedding"),
             on_progress=lambda count: progress.advance(task, count))
     whitened.info.name = out.stem
     save_model(whitened, out)
@@ -61,4 +69,5 @@ def whiten(
     say(f"whitening {report.dim}-d fitted on {report.images} images at resolution "
               f"{resolution} (p*={report.whitening.p:g}), {report.skipped} skipped"
               + (f"; default threshold {threshold:g}" if threshold is not None else "")
-              + f"; wrote {out}")
+              + f"; wrote {out} "
+              + elapsed_and_rate(time.perf_counter() - started, report.images))

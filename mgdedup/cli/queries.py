@@ -41,6 +41,8 @@ def search(
     from mgdedup.queries.search import search_index
 
     where = find_index(index_dir)
+    if all(not path.expanduser().exists() for path in images):
+        raise MgdedupError("no such file: " + ", ".join(str(p) for p in images))
     results = search_index(where, images, k=k, model_spec=model,
                            scoring=None if score is None else score.value)
     say(f"index: {where}")
@@ -79,12 +81,20 @@ def classify(
 
     Example: mgdedup classify img.jpg -k 5
     """
-    from mgdedup.queries.classify import classify_images, classify_index
+    from mgdedup.queries.classify import Prediction, classify_images, classify_index
 
     if images:
-        from mgdedup.model.registry import load_model
+        from mgdedup.imaging.reading import probe
+        from mgdedup.model.registry import canonical_spec, load_model
 
-        predictions = classify_images(load_model(model), images, resolution, k=k)
+        spec = canonical_spec(model)  # a wrong --model is told before anything loads
+        # files that cannot be images are told at once, before the model loads
+        reasons = [probe(path) for path in images]
+        readable = [path for path, reason in zip(images, reasons) if reason is None]
+        found = iter(classify_images(load_model(spec), readable, resolution, k=k)
+                     if readable else [])
+        predictions = [next(found) if reason is None else Prediction(str(path), [], reason)
+                       for path, reason in zip(images, reasons)]
     elif index_dir is not None:
         from mgdedup.index.layout import find_index
 

@@ -26,6 +26,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -123,9 +124,20 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mgdedup import __version__
+
+        print(f"mgdedup {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def configure(verbose: Annotated[bool, typer.Option("--verbose", "-v",
-                                                    help="Log details to stderr.")] = False
+                                                    help="Log details to stderr.")] = False,
+              version: Annotated[bool, typer.Option(
+                  "--version", callback=_print_version, is_eager=True,
+                  help="Print the version and exit.")] = False,
               ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", force=True,
@@ -146,12 +158,20 @@ class RateColumn(ProgressColumn):
 
 @contextmanager
 def progress_bar(description: str) -> Iterator[Progress]:
-    """A progress bar on stderr with its rate, hidden when stderr is not a terminal."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
-                        transient=True, disable=not err.is_terminal)
+    """A progress bar on stderr with percentage, count, rate, elapsed and remaining time,
+    hidden when stderr is not a terminal."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                        MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=err, transient=True,
+                        disable=not err.is_terminal)
     with progress:
         yield progress
+
+
+def elapsed_and_rate(seconds: float, count: int, unit: str = "images") -> str:
+    """"in 12.3 s, 25.1 images/s": the end of a summary line."""
+    rate = f", {count / seconds:.1f} {unit}/s" if count and seconds > 0 else ""
+    return f"in {seconds:.1f} s{rate}"
 
 
 class Format(str, Enum):

@@ -20,7 +20,7 @@ from mgdedup.errors import MgdedupError
 from mgdedup.index.faiss_index import ensure_index, range_pairs
 from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexStore
-from mgdedup.model.multigrain import DEFAULT_THRESHOLD
+from mgdedup.model.thresholds import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class DedupResult:
     #: what a member's score is: "copy" (P(copy), in [0, 1]), "cosine", "sscd-normalised"
     score_kind: str = "cosine"
     keep_rule: str = "original"  # the keeper rule (`mgdedup.duplicates.keepers`)
-    #: indexed files no longer at their path (moved or deleted since indexing), left out
+    #: files an applied action moved, trashed or deleted (and undo did not put back), left out
     gone: int = 0
     #: what the keeper rule saw of each file with a pair (row -> Traits)
     traits: dict[int, Traits] = field(default_factory=dict)
@@ -120,8 +120,8 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
 
     The keeper of each group is chosen by `keep` (default: the original where it can be
     told, `mgdedup.duplicates.keepers`), with the files a person chose as keepers first.
-    Files no longer at their indexed path (moved by an applied action, deleted) are left
-    out and counted in `gone`.
+    Files an applied action moved away (and `undo` did not put back) are left out and
+    counted in `gone`.
     """
     decisions = load_decisions(index_dir)
     keep = _with_choices(keep, decisions.keepers)
@@ -160,7 +160,7 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
 
         i, j, scores = apply_decisions(decisions, [f.path for f in facts],
                                        i, j, scores, similarity)
-        i, j, scores, gone = _without_gone_files(facts, i, j, scores)
+        i, j, scores, gone = _without_gone_files(index_dir, facts, i, j, scores)
         traits = _traits(facts, i, j, keep)
         groups = star_groups(len(facts), i, j, scores, keep.order(len(facts), traits))
         _explain_keepers(groups, traits, keep)
@@ -191,15 +191,37 @@ def _explain_keepers(groups: list[Group], traits: dict[int, Traits], keep: Keepe
                                           [traits[row] for row, _ in group.members])
 
 
-def _without_gone_files(facts: list[FileFacts], i: np.ndarray, j: np.ndarray,
+def _acted_on(index_dir: Path) -> set[str]:
+    """Absolute paths of the files that applied actions of this index moved, trashed or
+    replaced (every step not recorded as failed; `undo` may have put some back)."""
+    from mgdedup.duplicates.actions.manifest import manifests_of, read_manifest
+
+    sources: set[str] = set()
+    for manifest in manifests_of(IndexDir(index_dir).actions):
+        try:
+            read = read_manifest(manifest)
+        except MgdedupError as error:
+            log.warning("%s", error)
+            continue
+        sources.update(os.path.abspath(step.source) for step in read.steps
+                       if step.state != "failed")
+    return sources
+
+
+def _without_gone_files(index_dir: Path, facts: list[FileFacts], i: np.ndarray, j: np.ndarray,
                         scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Drop pairs with a file no longer at its indexed path (an applied move or delete, a
-    file removed by hand): a group never lists what is not there, and `gone` says how many
-    such files had pairs (`mgdedup index` refreshes the index)."""
+    """Drop pairs with a file an applied action moved or deleted and `undo` has not put
+    back: a group never lists it again (`gone` counts them; `mgdedup index` refreshes the
+    index). Only files named in the index's action manifests are looked at."""
     if not len(i):
         return i, j, scores, 0
+    acted = _acted_on(index_dir)
+    if not acted:
+        return i, j, scores, 0
     rows = np.unique(np.concatenate([i, j]))
-    missing = np.array([not os.path.lexists(facts[row].path) for row in rows.tolist()], bool)
+    missing = np.array([os.path.abspath(facts[row].path) in acted
+                        and not os.path.lexists(facts[row].path) for row in rows.tolist()],
+                       bool)
     if not missing.any():
         return i, j, scores, 0
     gone = rows[missing]
@@ -254,7 +276,7 @@ def _find_copies(index_dir: Path, scorer: CopyScorer, threshold: float | None,
         i, j, scores = _without_same_files(facts, i, j, scores)
         i, j, scores = apply_decisions(load_decisions(index_dir), [f.path for f in facts],
                                        i, j, scores, lambda a, b: 1.0)  # a person said so
-        i, j, scores, gone = _without_gone_files(facts, i, j, scores)
+        i, j, scores, gone = _without_gone_files(index_dir, facts, i, j, scores)
         traits = _traits(facts, i, j, keep, framed)
         groups = _one_path_per_file(facts, component_groups(len(facts), i, j, scores,
                                                             keep.order(len(facts), traits)))

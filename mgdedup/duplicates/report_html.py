@@ -306,7 +306,7 @@ def _where(result: DedupResult, index_dir: str | Path | None) -> str:
         f"threshold {result.threshold:g} ({origin}, {result.score_kind} score)",
         f"keeper rule {result.keep_rule}"]
     if result.gone:
-        parts.append(f"{result.gone} files gone since indexing left out")
+        parts.append(f"{result.gone} files moved away by an applied action left out")
     line = " \u00b7 ".join(parts)
     return f'<p class="where">{escape(line)}</p>\n'
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mgdedup.cpus import available_cpus, die_with_parent
 from mgdedup.embedding import onnx_trunk
+from mgdedup.embedding.backend_choice import BACKENDS, current_backend, preferred_backend  # noqa: F401
 from mgdedup.embedding.batching import as_item, as_list, shape_groups
 from mgdedup.embedding.onnx_trunk import OnnxTrunk
 from mgdedup.errors import MgdedupError
@@ -156,22 +155,6 @@ def default_workers(forward_in_workers: bool = False) -> int:
     return max(1, min(4, available_cpus() - 1))
 
 
-BACKENDS = ("auto", "torch", "onnx")
-_preferred_backend: ContextVar[str] = ContextVar("mgdedup_backend", default="auto")
-
-
-@contextmanager
-def preferred_backend(backend: str) -> Iterator[None]:
-    """Within the block, Embedders made with backend="auto" use `backend` instead: how the CLI's
-    --backend reaches the Embedder that `update_index` builds, without a global setting."""
-    if backend not in BACKENDS:
-        raise MgdedupError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
-    token = _preferred_backend.set(backend)
-    try:
-        yield
-    finally:
-        _preferred_backend.reset(token)
-
 
 def _onnx_trunk(model: MultiGrainModel, backend: str) -> OnnxTrunk | None:
     """The ONNX Runtime trunk for `backend` on CPU, or None (PyTorch) with the reason logged."""
@@ -207,7 +190,7 @@ class Embedder:
         if backend not in BACKENDS:
             raise MgdedupError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
         if backend == "auto":
-            backend = _preferred_backend.get()
+            backend = current_backend()
         self.model = for_inference(model, device)
         self.resolution = int(resolution)
         self.p = float(model.p_for(self.resolution) if p is None else p)

@@ -162,6 +162,22 @@ def not_image_reason(path: str | Path, head: bytes) -> str:
     return f"not an image (unknown format{where})"
 
 
+def probe(path: str | Path) -> str | None:
+    """Why `path` cannot be an image file, from its type and first bytes only, or None when it
+    may be one: what a command checks before it loads a model (decoding can still fail)."""
+    from mgdedup.files.regular import read_head
+
+    try:
+        _, head = read_head(Path(path), HEAD_BYTES)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as error:
+        return f"cannot read ({error.strerror or error})"
+    if sniff_bytes(head) is None:
+        return not_image_reason(path, head)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding
 

@@ -17,11 +17,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from mgdedup.embedding.embedder import EmbeddedBatch, Embedder
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import replacing, write_text
 from mgdedup.files.names import json_text
@@ -36,7 +35,11 @@ from mgdedup.index.faiss_index import (
 from mgdedup.index.layout import IndexDir, remember_index
 from mgdedup.index.lock import IndexLock
 from mgdedup.index.store import DamagedIndex, IndexMeta, IndexStore, RowBatch, salvage
-from mgdedup.model.multigrain import MultiGrainModel
+from mgdedup.model.facts import ModelFacts, facts_for, remember_facts
+
+if TYPE_CHECKING:  # PyTorch is imported only when something is embedded
+    from mgdedup.embedding.embedder import EmbeddedBatch
+    from mgdedup.model.multigrain import MultiGrainModel
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class ProgressHooks:
 
     start: Callable[[int], None] = lambda total: None
     advance: Callable[[int], None] = lambda count: None
+    #: what is happening before the first image is embedded ("scanning", "loading the model")
+    status: Callable[[str], None] = lambda text: None
 
 
 @dataclass(frozen=True)
@@ -103,17 +108,15 @@ def shard_of(rel: str, n: int) -> int:
     return int.from_bytes(digest, "little") % n + 1
 
 
-def model_meta(model: MultiGrainModel, model_name: str, resolution: int,
+def model_meta(model: MultiGrainModel | ModelFacts, model_name: str, resolution: int,
                roots: list[str]) -> IndexMeta:
-    """What rows embedded by `model` at `resolution` are; needs no Embedder, so a run with
-    nothing to embed never builds one (ONNX export, worker start-up)."""
-    whitening = model.whitening_for(resolution)
+    """What rows embedded by `model` (or a model with these facts) at `resolution` are;
+    needs no Embedder, so a run with nothing to embed never builds one."""
+    facts = model if isinstance(model, ModelFacts) else ModelFacts.of(model, resolution)
     return IndexMeta(
-        model_id=model.fingerprint(), model_name=model_name, resolution=resolution,
-        p=float(model.p_for(resolution)),
-        whitening_id=whitening.identifier if whitening is not None else "",
-        dim=model.descriptor_dim(resolution), roots=roots,
-        threshold=model.default_threshold(resolution),
+        model_id=facts.model_id, model_name=model_name, resolution=resolution, p=facts.p,
+        whitening_id=facts.whitening_id, dim=facts.dim, roots=roots,
+        threshold=facts.threshold,
     )
 
 
@@ -136,7 +139,7 @@ def check_compatible(found: IndexMeta, wanted: IndexMeta, index_dir: Path) -> No
         )
 
 
-def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
+def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel | None,
                  model_name: str, resolution: int, *, batch_size: int = 16,
                  workers: int | None = None, rebuild: bool = False, device: str = "cpu",
                  progress: ProgressHooks | None = None, shard: Shard | str | None = None,
@@ -150,19 +153,27 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
     `shard` ("K/N" or a Shard): embed only this worker's share of the files; the index
     records it, and `mgdedup merge` combines the N shard indexes. `factory`: FAISS factory
     string to build and remember ("auto": back to the automatic choice); None keeps the one
-    the index remembers.
+    the index remembers. `model` None: the model `model_name` names, loaded only when
+    something is embedded (an index with nothing new is checked against its cached facts,
+    `mgdedup.model.facts`, and PyTorch is never imported).
     """
     progress = progress or ProgressHooks()
     index_dir = Path(index_dir).resolve()
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        # checked here too: the Embedder is only built when something needs embedding
-        raise MgdedupError(f"--device {device}: no CUDA GPU is available here")
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            # checked here too: the Embedder is only built when something needs embedding
+            raise MgdedupError(f"--device {device}: no CUDA GPU is available here")
     if isinstance(shard, str):
         shard = Shard.parse(shard)
     if factory is not None:
         # fail fast on a typo, before any scanning
-        factory = check_factory(factory, model.descriptor_dim(resolution))
+        dim = model.descriptor_dim(resolution) if model is not None else \
+            facts_for(model_name, resolution)[0].dim
+        factory = check_factory(factory, dim)
     # scan before locking: a missing folder or one without images must not get an index dir
+    progress.status("scanning " + ", ".join(str(r) for r in roots))
     files, scan_errors = scan_images([Path(r).expanduser() for r in roots],
                                      skip_dirs=(".mgdedup", index_dir.name),
                                      known=_known_files(IndexDir(index_dir).embeddings, rebuild))
@@ -185,6 +196,12 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel,
     if remember:
         remember_index(index_dir)
     return summary
+
+
+def _load(model_name: str) -> MultiGrainModel:
+    from mgdedup.model.registry import load_model
+
+    return load_model(model_name)
 
 
 def _known_files(h5_path: Path, rebuild: bool) -> dict[tuple[str, str], tuple[int, int]]:
@@ -235,9 +252,18 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
         except DamagedIndex:
             salvaged = salvage(h5_path)
             layout.faiss.unlink(missing_ok=True)
+    if model is not None:
+        remember_facts(model_name, resolution, ModelFacts.of(model, resolution))
+    elif not h5_path.exists():
+        progress.status("loading the model")
+        model = _load(model_name)  # a new index: there is something to embed
     if h5_path.exists():
         store = IndexStore.open(h5_path, mode="a")
-        wanted = model_meta(model, model_name, resolution, store.meta.roots)
+        if model is not None:
+            facts = ModelFacts.of(model, resolution)
+        else:
+            facts, model = facts_for(model_name, resolution)  # model: when it was loaded
+        wanted = model_meta(facts, model_name, resolution, store.meta.roots)
         wanted.shard = shard_spec
         check_compatible(store.meta, wanted, index_dir)
         all_roots = list(store.meta.roots)
@@ -263,8 +289,19 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
         errors = [(str(path), reason) for path, reason in scan_errors]
         embedded = 0
         progress.start(len(to_embed))
-        embedder = Embedder(model, resolution, device=device, batch_size=batch_size,
-                            workers=workers) if to_embed else None
+        if to_embed and model is None:
+            progress.status(f"loading the model for {len(to_embed)} new images")
+            model = _load(model_name)
+            # the facts came from a cache: the loaded model must agree before rows are added
+            loaded = model_meta(model, model_name, resolution, store.meta.roots)
+            loaded.shard = shard_spec
+            check_compatible(store.meta, loaded, index_dir)
+        embedder = None
+        if to_embed:
+            from mgdedup.embedding.embedder import Embedder
+
+            embedder = Embedder(model, resolution, device=device, batch_size=batch_size,
+                                workers=workers)
         batches = embedder.embed_files([f.path for f in to_embed],
                                        on_progress=progress.advance) if embedder else []
         for batch in batches:

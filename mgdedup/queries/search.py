@@ -2,22 +2,23 @@
 
 Results are ranked and scored as `dedup` scores pairs: by the copy score (P(copy), after
 verifying each candidate against the query) where the index's model has one, else by
-cosine; the raw cosine is kept beside the copy score.
+cosine; the raw cosine is kept beside the copy score. A query that is itself indexed and
+unchanged (same path, size and modification time) reuses its stored row: nothing is embedded
+and no model is loaded for it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mgdedup.embedding.embedder import Embedder
 from mgdedup.errors import MgdedupError
 from mgdedup.index.faiss_index import ensure_index, knn
 from mgdedup.index.layout import IndexDir
-from mgdedup.index.model_check import model_for_index
 
 
 @dataclass
@@ -48,31 +49,72 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
             if scoring == "copy" and scorer is None:
                 raise MgdedupError("this index's model has no copy score at its resolution; "
                                    "use --score cosine")
-        model = model_for_index(meta, model_spec)
-        # p as the rows were computed, even if the model's p* table changed since
-        embedder = Embedder(model, meta.resolution, workers=workers, p=meta.p)
         index = ensure_index(Path(index_dir), store)
         paths = [str(p) for p in store.absolute_paths()]
         hashes = store.read("phash") if scorer is not None else None
         results: list[QueryResult] = [QueryResult(str(q), []) for q in queries]
-        for batch in embedder.embed_files(list(queries), digest=False):
-            for position, reason in batch.errors:
-                results[position].error = reason
-            if not batch.positions:
-                continue
-            vectors = np.asarray(batch.descriptors.descriptors, np.float32)
+
+        def answer(positions: list[int], vectors: np.ndarray, phashes: Sequence[int]) -> None:
             if scorer is not None:
-                for row, position in enumerate(batch.positions):
+                for row, position in enumerate(positions):
                     results[position] = _copy_results(
                         store, index, scorer, paths, hashes, Path(queries[position]),
-                        vectors[row], batch.phashes[row], k)
-                continue
+                        vectors[row], int(phashes[row]), k)
+                return
             scores, ids = knn(index, vectors, k)
-            for row, position in enumerate(batch.positions):
+            for row, position in enumerate(positions):
                 found = [(paths[i], float(s)) for s, i in zip(scores[row], ids[row]) if i >= 0]
                 results[position].results = found
                 results[position].cosines = [s for _, s in found]
+
+        stored = _indexed_rows(store, paths, queries)
+        if stored:
+            positions = sorted(stored)
+            rows = np.array([stored[p] for p in positions], np.int64)
+            order = np.argsort(rows)  # rows are read in increasing order
+            vectors = np.empty((len(rows), meta.dim), np.float32)
+            vectors[order] = np.asarray(store.read("embeddings", rows[order]), np.float32)
+            phashes = np.asarray(store.read("phash"))[rows] if scorer is not None else \
+                np.zeros(len(rows), np.int64)
+            answer(positions, vectors, phashes)
+        todo = [position for position in range(len(queries)) if position not in stored]
+        if todo:
+            from mgdedup.embedding.embedder import Embedder
+            from mgdedup.index.model_check import model_for_index
+
+            model = model_for_index(meta, model_spec)
+            # p as the rows were computed, even if the model's p* table changed since
+            embedder = Embedder(model, meta.resolution, workers=workers, p=meta.p)
+            for batch in embedder.embed_files([queries[p] for p in todo], digest=False):
+                for position, reason in batch.errors:
+                    results[todo[position]].error = reason
+                if batch.positions:
+                    answer([todo[p] for p in batch.positions],
+                           np.asarray(batch.descriptors.descriptors, np.float32),
+                           batch.phashes)
     return results
+
+
+def _indexed_rows(store, paths: list[str], queries: Sequence[Path]) -> dict[int, int]:
+    """Query position -> index row, for queries that are indexed files unchanged since
+    (same resolved path, size and modification time as their row)."""
+    row_of = {os.path.realpath(p): row for row, p in enumerate(paths)}
+    found = {}
+    sizes = mtimes = None
+    for position, query in enumerate(queries):
+        try:
+            real = os.path.realpath(Path(query).expanduser())
+            row = row_of.get(real)
+            if row is None:
+                continue
+            st = os.stat(real)
+        except OSError:
+            continue
+        if sizes is None:
+            sizes, mtimes = store.read("size"), store.read("mtime_ns")
+        if int(sizes[row]) == st.st_size and int(mtimes[row]) == st.st_mtime_ns:
+            found[position] = row
+    return found
 
 
 def _copy_results(store, index, scorer, paths: list[str], hashes: np.ndarray, query: Path,

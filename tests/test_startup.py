@@ -1,0 +1,154 @@
+"""Commands that need no PyTorch never import it (start-up is then a fraction of a second),
+and what lets them skip the model (the model facts cache) can never let wrong rows in."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import run
+
+from mgdedup.model import facts
+from mgdedup.model.registry import DEFAULT_MODEL
+
+PROBE = """
+import runpy, sys
+sys.argv = ["mgdedup", *sys.argv[1:]]
+try:
+    runpy.run_module("mgdedup", run_name="__main__")
+except SystemExit as stop:
+    code = stop.code
+else:
+    code = 0
+heavy = sorted(m for m in ("torch", "torchvision", "onnx") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy), file=sys.stderr)
+"""
+
+
+def imports_of(*args: object, cwd: Path | None = None) -> tuple[list[str], str]:
+    """(heavy modules the command imported, its stderr), run in a fresh interpreter."""
+    done = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=cwd, env=os.environ.copy())
+    line = [x for x in done.stderr.splitlines() if x.startswith("HEAVY=")]
+    assert line, done.stderr
+    return [m for m in line[-1][len("HEAVY="):].split(",") if m], done.stderr
+
+
+def test_commands_without_a_forward_pass_never_import_torch(lib, tmp_path):
+    root, index_dir = lib
+    photo = root / "a0.png"
+    for args in (("--help",), ("--version",), ("dedup", "--help"),
+                 ("dedup", "--index", index_dir, "--format", "json"),
+                 ("dedup", "--index", index_dir, "--action", "move", "--to", tmp_path / "d"),
+                 ("dedup", "--index", index_dir, "--format", "html", "--out",
+                  tmp_path / "r.html"),
+                 ("undo", "--index", index_dir),
+                 ("mark", "not-duplicate", photo, root / "small" / "a0.jpg", "--index",
+                  index_dir),
+                 ("dedup", "--threshold", "2"),
+                 ("classify", tmp_path / "missing.jpg"),
+                 ("index", tmp_path / "missing-folder"),
+                 ("search", tmp_path / "missing.jpg", "--index", index_dir),
+                 ("search", photo, "--index", index_dir, "-k", "2")):
+        heavy, stderr = imports_of(*args)
+        assert heavy == [], f"mgdedup {' '.join(map(str, args))} imported {heavy}: {stderr}"
+
+
+def test_index_with_nothing_new_loads_no_model(lib):
+    root, index_dir = lib
+    assert run("index", root, "-r", "224", "--workers", "0").exit_code == 0  # facts cached
+    heavy, stderr = imports_of("index", root, "-r", "224", "--workers", "0")
+    assert heavy == [], stderr
+    assert "0 indexed, 0 skipped; 9 unchanged" in stderr
+
+
+def test_search_of_an_indexed_file_reuses_its_row(lib):
+    root, index_dir = lib
+    reused = run("search", root / "a1.png", "--index", index_dir, "-k", "3", "--json")
+    copy = root / "elsewhere.png"
+    shutil.copy(root / "a1.png", copy)  # the same pixels, not indexed: embedded
+    embedded = run("search", copy, "--index", index_dir, "-k", "3", "--json")
+    first, second = json.loads(reused.stdout)[0], json.loads(embedded.stdout)[0]
+    assert [r["path"] for r in first["results"]] == [r["path"] for r in second["results"]]
+    assert [r["cosine"] for r in first["results"]] == pytest.approx(
+        [r["cosine"] for r in second["results"]], abs=1e-5)
+
+
+def test_damaged_facts_cache_is_ignored(lib):
+    root, index_dir = lib
+    assert run("index", root, "-r", "224", "--workers", "0").exit_code == 0
+    key = facts.source_key(DEFAULT_MODEL)
+    path = facts._cache_file(key)
+    assert facts.cached_facts(DEFAULT_MODEL, 224) is not None
+    document = json.loads(path.read_text())
+    document["facts"]["224"]["dim"] = 7  # edited without its digest
+    path.write_text(json.dumps(document))
+    assert facts.cached_facts(DEFAULT_MODEL, 224) is None
+    path.write_text("{not json")
+    assert facts.cached_facts(DEFAULT_MODEL, 224) is None
+    done = run("index", root, "-r", "224", "--workers", "0")  # loads the model, rewrites
+    assert done.exit_code == 0 and facts.cached_facts(DEFAULT_MODEL, 224) is not None
+
+
+def _forge(canonical: str, resolution: int, claimed: facts.ModelFacts) -> None:
+    """A facts cache entry for `canonical` that claims `claimed`, with a valid digest."""
+    import hashlib
+    from dataclasses import asdict
+
+    table = {str(resolution): asdict(claimed)}
+    body = json.dumps(table, sort_keys=True)
+    path = facts._cache_file(facts.source_key(canonical))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": facts.FORMAT, "version": facts.VERSION,
+                                "facts": table,
+                                "sha256": hashlib.sha256(body.encode()).hexdigest()}))
+
+
+def test_forged_facts_never_let_another_models_rows_in(lib, tmp_path):
+    """A cache claiming that another model file is the index's model: with nothing new
+    nothing is written; with a new file the loaded model is checked and refused."""
+    import torch
+
+    from mgdedup.errors import MgdedupError
+    from mgdedup.index.build import update_index
+    from mgdedup.index.store import IndexStore
+    from mgdedup.model.model_file import save_model
+    from mgdedup.model.registry import load_model
+
+    root, index_dir = lib
+    with IndexStore.open(index_dir / "embeddings.h5") as store:
+        meta, rows = store.meta, len(store)
+    import copy
+
+    other = copy.deepcopy(load_model(DEFAULT_MODEL))
+    with torch.no_grad():
+        next(other.trunk.parameters()).add_(0.01)  # other weights: another model id
+    other._fingerprint = None  # computed again from the changed weights
+    other_file = tmp_path / "other.pt"
+    save_model(other, other_file)
+    spec = str(other_file.resolve())
+    claimed = facts.ModelFacts(meta.model_id, meta.p, meta.whitening_id, meta.dim,
+                               meta.threshold)
+    assert facts.ModelFacts.of(other, 224) != claimed
+    _forge(spec, 224, claimed)
+    update_index([root], index_dir, None, spec, 224, workers=0)  # nothing new: nothing done
+    (root / "new.png").write_bytes((root / "a0.png").read_bytes())
+    (root / "new.png").touch()
+    shutil.copy(root / "small" / "a0.jpg", root / "new.jpg")
+    with pytest.raises(MgdedupError, match="holds descriptors of model"):
+        update_index([root], index_dir, None, spec, 224, workers=0)
+    with IndexStore.open(index_dir / "embeddings.h5") as store:
+        assert len(store) == rows and store.meta.model_id == meta.model_id
+
+
+def test_shipped_class_names_are_torchvisions():
+    from torchvision.models import ResNet50_Weights
+
+    from mgdedup.model.model_file import imagenet_class_names
+
+    assert imagenet_class_names() == list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
