@@ -74,9 +74,14 @@ def test_search_of_an_indexed_file_reuses_its_row(lib):
     shutil.copy(root / "a1.png", copy)  # the same pixels, not indexed: embedded
     embedded = run("search", copy, "--index", index_dir, "-k", "3", "--json")
     first, second = json.loads(reused.stdout)[0], json.loads(embedded.stdout)[0]
-    assert [r["path"] for r in first["results"]] == [r["path"] for r in second["results"]]
-    assert [r["cosine"] for r in first["results"]] == pytest.approx(
-        [r["cosine"] for r in second["results"]], abs=1e-5)
+    # the same neighbours at the same cosines (the stored row is the embedded one); their
+    # order may differ where scores tie: byte-identical files score 1.0 for the indexed
+    # query, whose digest is known
+    mine = {r["path"]: r["cosine"] for r in first["results"]}
+    theirs = {r["path"]: r["cosine"] for r in second["results"]}
+    assert set(mine) == set(theirs)
+    for path, cosine in mine.items():
+        assert cosine == pytest.approx(theirs[path], abs=1e-5)
 
 
 def test_damaged_facts_cache_is_ignored(lib):
@@ -152,3 +157,28 @@ def test_shipped_class_names_are_torchvisions():
     from mgdedup.model.model_file import imagenet_class_names
 
     assert imagenet_class_names() == list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def test_search_of_an_indexed_file_reuses_dedups_verification(lib, monkeypatch):
+    """The pairs dedup verified (IDX/verified.npz) are not verified again for an indexed
+    query: no local features are extracted, and scores stay those of dedup's evidence
+    (byte-identical files 1.0, as dedup scores them)."""
+    from mgdedup.duplicates import local_match
+    from mgdedup.queries.search import search_index
+
+    root, index_dir = lib
+    groups = json.loads(run("dedup", "--index", index_dir, "--format", "json").stdout)["groups"]
+    group = next(g for g in groups if Path(g["keeper"]).name == "a1.png")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pair dedup verified was verified again")
+
+    monkeypatch.setattr(local_match, "extract_file", refuse)
+    monkeypatch.setattr(local_match.FeatureCache, "get", refuse)
+    (result,) = search_index(index_dir, [Path(group["keeper"])], k=5)
+    by_path = dict(result.results)
+    for member in group["members"]:
+        if Path(member["path"]).read_bytes() == Path(group["keeper"]).read_bytes():
+            assert by_path[member["path"]] == 1.0
+        else:  # same evidence; cosine, rank and background are the query's own
+            assert by_path[member["path"]] == pytest.approx(member["score"], abs=1e-3)

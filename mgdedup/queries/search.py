@@ -54,12 +54,17 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
         hashes = store.read("phash") if scorer is not None else None
         results: list[QueryResult] = [QueryResult(str(q), []) for q in queries]
 
-        def answer(positions: list[int], vectors: np.ndarray, phashes: Sequence[int]) -> None:
+        known: dict = {}
+        digests = None
+
+        def answer(positions: list[int], vectors: np.ndarray, phashes: Sequence[int],
+                   query_digests: Sequence[str] | None = None) -> None:
             if scorer is not None:
                 for row, position in enumerate(positions):
                     results[position] = _copy_results(
                         store, index, scorer, paths, hashes, Path(queries[position]),
-                        vectors[row], int(phashes[row]), k)
+                        vectors[row], int(phashes[row]), k, known,
+                        None if query_digests is None else query_digests[row], digests)
                 return
             scores, ids = knn(index, vectors, k)
             for row, position in enumerate(positions):
@@ -76,7 +81,13 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
             vectors[order] = np.asarray(store.read("embeddings", rows[order]), np.float32)
             phashes = np.asarray(store.read("phash"))[rows] if scorer is not None else \
                 np.zeros(len(rows), np.int64)
-            answer(positions, vectors, phashes)
+            if scorer is not None:  # dedup's verified pairs of these files are reused
+                from mgdedup.duplicates import evidence_cache
+
+                known = evidence_cache.load(IndexDir(index_dir).verified)
+                digests = np.asarray(store.read("digest"))
+            answer(positions, vectors, phashes,
+                   None if digests is None else [str(digests[r]) for r in rows])
         todo = [position for position in range(len(queries)) if position not in stored]
         if todo:
             from mgdedup.embedding.embedder import Embedder
@@ -118,8 +129,12 @@ def _indexed_rows(store, paths: list[str], queries: Sequence[Path]) -> dict[int,
 
 
 def _copy_results(store, index, scorer, paths: list[str], hashes: np.ndarray, query: Path,
-                  vector: np.ndarray, query_hash: int, k: int) -> QueryResult:
-    """One query's results by copy score: its candidates verified against it and scored."""
+                  vector: np.ndarray, query_hash: int, k: int, known: dict | None = None,
+                  query_digest: str | None = None, digests: np.ndarray | None = None
+                  ) -> QueryResult:
+    """One query's results by copy score: its candidates verified against it and scored.
+    For an indexed query, pairs that `dedup` verified (`known`, by the two files' digests:
+    `evidence_cache`) are not verified again."""
     from mgdedup.duplicates.candidates import query_candidates
     from mgdedup.duplicates.copy_score import features
     from mgdedup.duplicates.local_match import Evidence, FeatureCache, extract_file, verify
@@ -127,19 +142,33 @@ def _copy_results(store, index, scorer, paths: list[str], hashes: np.ndarray, qu
 
     found = query_candidates(index, vector, query_hash, hashes,
                              lambda rows: np.asarray(store.read("embeddings", rows)))
-    try:
-        mine = extract_file(query)
-    except (ImageReadError, OSError):
-        mine = None
-    cache = FeatureCache([paths[r] for r in found.rows.tolist()])
-    evidence = []
-    for position in range(len(found.rows)):
-        theirs = cache.get(position)
-        evidence.append(verify(theirs, mine) if theirs is not None and mine is not None
-                        else Evidence())
+    evidence: list = [None] * len(found.rows)
+    if known and query_digest and digests is not None:
+        from mgdedup.duplicates.evidence_cache import pair_keys
+
+        both = np.array([query_digest, *digests[found.rows]], dtype=object)
+        keys = pair_keys(both, np.zeros(len(found.rows), np.int64),
+                         np.arange(1, len(found.rows) + 1))
+        evidence = [known.get(key) if key is not None else None for key in keys]
+    todo = [position for position, e in enumerate(evidence) if e is None]
+    mine = None
+    if todo:
+        try:
+            mine = extract_file(query)
+        except (ImageReadError, OSError):
+            mine = None
+    cache = FeatureCache([paths[int(found.rows[p])] for p in todo])
+    for slot, position in enumerate(todo):
+        theirs = cache.get(slot)
+        evidence[position] = verify(theirs, mine) if theirs is not None and mine is not None \
+            else Evidence()
     probability = scorer.probability(features(
         found.cosine, found.background_rows, np.full(len(found.rows), found.background_query),
         found.rank, found.hash_distance, evidence)) if len(found.rows) else np.zeros(0)
+    if query_digest and digests is not None and len(found.rows):
+        # the same bytes are a copy whatever the pixels show, as dedup scores them
+        same = np.asarray(digests[found.rows] == query_digest, bool)
+        probability = np.where(same, 1.0, probability)
     order = np.lexsort((-found.cosine, -probability))[:k]
     return QueryResult(str(query), [(paths[int(found.rows[o])], float(probability[o]))
                                     for o in order], None,
