@@ -109,16 +109,18 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
 def _indexed_rows(store, paths: list[str], queries: Sequence[Path]) -> dict[int, int]:
     """Query position -> index row, for queries that are indexed files unchanged since
     (same resolved path, size and modification time as their row)."""
-    row_of = {os.path.realpath(p): row for row, p in enumerate(paths)}
+    row_of = {os.path.abspath(p): row for row, p in enumerate(paths)}  # no syscall per row
     found = {}
     sizes = mtimes = None
     for position, query in enumerate(queries):
         try:
-            real = os.path.realpath(Path(query).expanduser())
-            row = row_of.get(real)
+            given = Path(query).expanduser()
+            row = row_of.get(os.path.abspath(given))
+            if row is None:
+                row = row_of.get(os.path.realpath(given))
             if row is None:
                 continue
-            st = os.stat(real)
+            st = os.stat(given)
         except OSError:
             continue
         if sizes is None:
