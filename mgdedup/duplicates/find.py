@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mgdedup.duplicates.actions.file_ops import file_identity
 from mgdedup.duplicates.copy_score import CopyScorer
 from mgdedup.duplicates.decisions import apply_decisions, load_decisions
 from mgdedup.duplicates.grouping import Group, star_groups
@@ -363,10 +364,10 @@ def _one_path_per_file(facts: list[FileFacts], groups: list[Group]) -> list[Grou
     the keeper. Members that are the same file as the keeper or as an earlier member go."""
     out = []
     for group in groups:
-        seen = {_identity(facts[group.keeper].path)}
+        seen = {file_identity(facts[group.keeper].path)}
         members = []
         for row, score in group.members:
-            identity = _identity(facts[row].path)
+            identity = file_identity(facts[row].path)
             if identity is not None and identity in seen:
                 continue
             seen.add(identity)
@@ -377,14 +378,6 @@ def _one_path_per_file(facts: list[FileFacts], groups: list[Group]) -> list[Grou
     return out
 
 
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def _without_same_files(facts: list[FileFacts], i: np.ndarray, j: np.ndarray,
                         scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Drop pairs of two paths to ONE file (same device and inode: a hard link, a folder
@@ -392,7 +385,7 @@ def _without_same_files(facts: list[FileFacts], i: np.ndarray, j: np.ndarray,
     both. Only the rows of pairs are stat'ed."""
     if not len(i):
         return i, j, scores
-    identity = {row: _identity(facts[row].path)
+    identity = {row: file_identity(facts[row].path)
                 for row in np.unique(np.concatenate([i, j])).tolist()}
     keep = np.array([identity[a] is None or identity[a] != identity[b]
                      for a, b in zip(i.tolist(), j.tolist())], dtype=bool)
