@@ -28,9 +28,7 @@ facts as the JSON/CSV reports.
 from __future__ import annotations
 
 import base64
-import io
 import logging
-import math
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,14 +36,13 @@ from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
-from PIL import Image
-
 from mgdedup.cpus import available_cpus
 from mgdedup.duplicates.find import DedupResult
 from mgdedup.duplicates.report_text import FileFacts
 from mgdedup.files.atomic import write_text
 from mgdedup.files.names import printable
-from mgdedup.imaging.reading import ImageReadError, open_rgb
+from mgdedup.imaging.reading import ImageReadError
+from mgdedup.imaging.thumbnails import jpeg_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +65,14 @@ def make_thumbnail(path: str | Path, thumb_px: int = 160) -> Thumbnail:
 
     Never raises for a bad file: the reason is returned instead.
     """
-    def needed(size: tuple[int, int]) -> tuple[int, int]:  # lets a JPEG draft-decode
-        scale = min(1.0, thumb_px / max(size))
-        return math.ceil(size[0] * scale), math.ceil(size[1] * scale)
-
     try:
-        image, _ = open_rgb(path, min_size=needed)
-        image.thumbnail((thumb_px, thumb_px), Image.Resampling.LANCZOS, reducing_gap=2.0)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+        jpeg, width, height = jpeg_thumbnail(path, thumb_px, JPEG_QUALITY, optimize=True)
     except ImageReadError as error:
         return Thumbnail(None, reason=error.reason)
     except Exception as error:  # a report must never die on one file
         log.debug("thumbnail of %s failed", path, exc_info=True)
         return Thumbnail(None, reason=f"cannot make a thumbnail ({type(error).__name__})")
-    uri = DATA_URI_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
-    return Thumbnail(uri, image.width, image.height)
+    return Thumbnail(DATA_URI_PREFIX + base64.b64encode(jpeg).decode("ascii"), width, height)
 
 
 def human_bytes(count: int) -> str:

@@ -10,7 +10,6 @@ a later `dedup` honours what was decided here; groups are found again after each
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import threading
@@ -158,9 +157,7 @@ class ReviewSession:
     def image(self, row: int, size: str) -> bytes:
         """A JPEG of the file of `row` (only a file of a group, inside an indexed folder),
         its longest side at most THUMB_PX ("thumb") or FULL_PX ("full")."""
-        from PIL import Image
-
-        from mgdedup.imaging.reading import open_rgb
+        from mgdedup.imaging.thumbnails import jpeg_thumbnail
 
         result = self.result()
         shown = {r for g in result.groups for r in (g.keeper, *(m for m, _ in g.members))}
@@ -170,16 +167,7 @@ class ReviewSession:
         if not any(path == root or root in path.parents for root in self._roots):
             raise MgdedupError(f"{printable(str(path))} is outside the indexed folders")
         limit = THUMB_PX if size == "thumb" else FULL_PX
-        image, _ = open_rgb(path, min_size=lambda s: _needed(s, limit))
-        image.thumbnail((limit, limit), Image.Resampling.LANCZOS, reducing_gap=2.0)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80 if size == "thumb" else 90)
-        return buffer.getvalue()
-
-
-def _needed(size: tuple[int, int], limit: int) -> tuple[int, int]:
-    scale = min(1.0, limit / max(size))
-    return max(1, int(size[0] * scale + 0.999)), max(1, int(size[1] * scale + 0.999))
+        return jpeg_thumbnail(path, limit, 80 if size == "thumb" else 90)[0]
 
 
 def _fingerprint(steps, action: str, to: str | None) -> str:
