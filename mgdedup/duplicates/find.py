@@ -181,9 +181,7 @@ def _with_choices(keep: KeeperRule | None, chosen: set[str]) -> KeeperRule:
 def _traits(facts: list[FileFacts], i: np.ndarray, j: np.ndarray, keep: KeeperRule,
             framed: set[int] | None = None) -> dict[int, Traits]:
     rows = np.unique(np.concatenate([i, j])).tolist() if len(i) else []
-    return collect_traits(rows, [f.path for f in facts], [f.width * f.height for f in facts],
-                          [f.size for f in facts], [f.mtime_ns for f in facts], keep,
-                          framed or set())
+    return collect_traits(rows, facts, keep, framed or set())
 
 
 def _explain_keepers(groups: list[Group], traits: dict[int, Traits], keep: KeeperRule) -> None:

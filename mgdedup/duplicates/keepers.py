@@ -27,8 +27,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mgdedup.duplicates.report_text import FileFacts
 
 KEEP_RULES = ("original", "most-pixels", "largest", "oldest", "newest", "exif")
 DEFAULT_KEEP_RULE = "original"
@@ -185,18 +189,18 @@ class KeeperRule:
         return ", ".join(reasons) if reasons else "first by path"
 
 
-def collect_traits(rows: Sequence[int], paths: Sequence[str], pixels: Sequence[int],
-                   sizes: Sequence[int], mtimes: Sequence[int], rule: KeeperRule,
+def collect_traits(rows: Sequence[int], facts: Sequence[FileFacts], rule: KeeperRule,
                    framed: set[int] | frozenset[int] = frozenset()) -> dict[int, Traits]:
-    """Traits of the rows that have a pair (the only ones a rule compares); EXIF is read
-    from the file header only where the rule looks at it; `framed`: the rows found to be
-    screenshots or pastes of another row (`is_framed_copy`)."""
+    """Traits of the rows that have a pair (the only ones a rule compares), from what the
+    index says of each file (`facts`, one per row); EXIF is read from the file header only
+    where the rule looks at it; `framed`: the rows found to be screenshots or pastes of
+    another row (`is_framed_copy`)."""
     out = {}
     for row in rows:
-        path = paths[row]
-        out[row] = Traits(path=path, pixels=int(pixels[row]), size=int(sizes[row]),
-                          mtime_ns=int(mtimes[row]),
-                          camera_exif=rule.reads_exif and has_camera_exif(path),
-                          framed_copy=row in framed, chosen=path in rule.chosen,
-                          preferred=rule.preferred_position(path))
+        fact = facts[row]
+        out[row] = Traits(path=fact.path, pixels=fact.width * fact.height, size=fact.size,
+                          mtime_ns=fact.mtime_ns,
+                          camera_exif=rule.reads_exif and has_camera_exif(fact.path),
+                          framed_copy=row in framed, chosen=fact.path in rule.chosen,
+                          preferred=rule.preferred_position(fact.path))
     return out
