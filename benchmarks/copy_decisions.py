@@ -43,7 +43,13 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from copy_sets import KINDS, CopySet, build_copy_set, load_copy_set  # noqa: E402
+from copy_sets import (  # noqa: E402
+    KINDS,
+    CopySet,
+    copy_set_folder,
+    index_folder,
+    load_or_build,
+)
 
 from mgdedup.duplicates.find import DedupResult, find_duplicates  # noqa: E402
 from mgdedup.evaluation.metrics import micro_ap  # noqa: E402
@@ -175,17 +181,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
 
-    folder = args.work / f"{args.name or args.part}-{args.originals}x{args.per_kind}-s{args.seed}"
-    if (folder / "truth.json").is_file():
-        copies = load_copy_set(folder)
-    else:
-        started = time.perf_counter()
-        copies = build_copy_set(args.photos, folder, part=args.part, originals=args.originals,
-                                per_kind=args.per_kind, seed=args.seed,
-                                backgrounds_from=args.backgrounds_from,
-                                same=tuple(args.same))
-        print(f"built {folder}: {len(copies.photos)} photos, {len(copies.copies)} copies in "
-              f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+    folder = copy_set_folder(args.work, args.name or args.part, args.originals, args.per_kind,
+                             args.seed)
+    copies = load_or_build(args.photos, folder, part=args.part, originals=args.originals,
+                           per_kind=args.per_kind, seed=args.seed,
+                           backgrounds_from=args.backgrounds_from, same=tuple(args.same))
     spec = canonical_spec(args.model)
     indexes = [("", load_model(spec))]
     if args.before_whitening is not None:
@@ -197,7 +197,7 @@ def main() -> None:
               "decisions": []}
     thresholds = [None, *(args.threshold or [0.9])]
     for prefix, model in indexes:
-        index_dir = folder / f".mgdedup-{prefix}{Path(spec).stem}-{args.resolution}"
+        index_dir = index_folder(folder, spec, args.resolution, prefix)
         started = time.perf_counter()
         summary = update_index([folder], index_dir, model, spec, args.resolution,
                                workers=args.workers)

@@ -20,6 +20,8 @@ import hashlib
 import json
 import re
 import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,3 +159,25 @@ def load_copy_set(folder: Path) -> CopySet:
     return CopySet(folder, [Path(p) for p in truth["photos"]],
                    [(Path(c["copy"]), Path(c["original"]), c["kind"]) for c in truth["copies"]],
                    [[Path(p) for p in members] for members in truth.get("same", [])])
+
+
+def copy_set_folder(work: Path, name: str, originals: int, per_kind: int, seed: int) -> Path:
+    """Where the benchmarks keep the copy set of these settings (one set, shared by them)."""
+    return work / f"{name}-{originals}x{per_kind}-s{seed}"
+
+
+def index_folder(folder: Path, spec: str, resolution: int, prefix: str = "") -> Path:
+    """The index of a copy set for a model and resolution (`prefix`: a variant of it)."""
+    return folder / f".mgdedup-{prefix}{Path(spec).stem}-{resolution}"
+
+
+def load_or_build(source: Path, folder: Path, **build: object) -> CopySet:
+    """The copy set in `folder`, built first (`build_copy_set(source, folder, **build)`)
+    when it is not there yet."""
+    if (folder / "truth.json").is_file():
+        return load_copy_set(folder)
+    started = time.perf_counter()
+    copies = build_copy_set(source, folder, **build)
+    print(f"built {folder}: {len(copies.photos)} photos, {len(copies.copies)} copies in "
+          f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return copies

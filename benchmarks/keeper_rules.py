@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from copy_sets import build_copy_set, load_copy_set  # noqa: E402
+from copy_sets import copy_set_folder, index_folder, load_or_build  # noqa: E402
 
 from mgdedup.duplicates.find import DedupResult, find_duplicates  # noqa: E402
 from mgdedup.duplicates.keepers import KEEP_RULES, KeeperRule, Traits  # noqa: E402
@@ -78,13 +78,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    folder = args.work / f"{args.part}-{args.originals}x{args.per_kind}-s{args.seed}"
-    if (folder / "truth.json").is_file():
-        copies = load_copy_set(folder)
-    else:
-        copies = build_copy_set(args.photos, folder, part=args.part, originals=args.originals,
-                                per_kind=args.per_kind, seed=args.seed)
-    index_dir = folder / f".mgdedup-{Path(DEFAULT_MODEL).stem}-{args.resolution}"
+    folder = copy_set_folder(args.work, args.part, args.originals, args.per_kind, args.seed)
+    copies = load_or_build(args.photos, folder, part=args.part, originals=args.originals,
+                           per_kind=args.per_kind, seed=args.seed)
+    index_dir = index_folder(folder, DEFAULT_MODEL, args.resolution)
     update_index([folder], index_dir, load_model(DEFAULT_MODEL), DEFAULT_MODEL,
                  args.resolution)
     started = time.perf_counter()
