@@ -100,20 +100,6 @@ def test_damaged_facts_cache_is_ignored(lib):
     assert done.exit_code == 0 and facts.cached_facts(DEFAULT_MODEL, 224) is not None
 
 
-def _forge(canonical: str, resolution: int, claimed: facts.ModelFacts) -> None:
-    """A facts cache entry for `canonical` that claims `claimed`, with a valid digest."""
-    import hashlib
-    from dataclasses import asdict
-
-    table = {str(resolution): asdict(claimed)}
-    body = json.dumps(table, sort_keys=True)
-    path = facts._cache_file(facts.source_key(canonical))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format": facts.FORMAT, "version": facts.VERSION,
-                                "facts": table,
-                                "sha256": hashlib.sha256(body.encode()).hexdigest()}))
-
-
 def test_forged_facts_never_let_another_models_rows_in(lib, tmp_path):
     """A cache claiming that another model file is the index's model: with nothing new
     nothing is written; with a new file the loaded model is checked and refused."""
@@ -140,7 +126,7 @@ def test_forged_facts_never_let_another_models_rows_in(lib, tmp_path):
     claimed = facts.ModelFacts(meta.model_id, meta.p, meta.whitening_id, meta.dim,
                                meta.threshold)
     assert facts.ModelFacts.of(other, 224) != claimed
-    _forge(spec, 224, claimed)
+    facts.remember_facts(spec, 224, claimed)  # a cache entry that lies, digest and all
     update_index([root], index_dir, None, spec, 224, workers=0)  # nothing new: nothing done
     (root / "new.png").write_bytes((root / "a0.png").read_bytes())
     (root / "new.png").touch()
