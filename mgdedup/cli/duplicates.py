@@ -215,14 +215,12 @@ def _threshold_origin(result: DedupResult) -> str:
     """How the threshold of a dedup run was chosen, and on which scale, in words."""
     scale = {"copy": "copy score P(copy)", "sscd-normalised": "normalised scores"}.get(
         result.score_kind, "cosine")
+    from mgdedup.duplicates.find import THRESHOLD_ORIGINS
+
     if result.threshold_source == "precision":
         where = "the fitting copies" if result.score_kind == "copy" else "this collection"
         return f"precision {result.target_precision:g} on {where}, {scale}"
-    if result.threshold_source == "measured":
-        return f"measured for the model, {scale}"
-    if result.threshold_source == "default":
-        return f"generic default, {scale}"
-    return f"given, {scale}"
+    return f"{THRESHOLD_ORIGINS.get(result.threshold_source, 'given')}, {scale}"
 
 
 def _act(where: Path, result: DedupResult, action: Action, to: Path | None, apply: bool,

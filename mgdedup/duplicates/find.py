@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGET_PRECISION = 0.99
 
 
+#: how a threshold was chosen (`DedupResult.threshold_source`), in words; "precision" is said
+#: with its target by each report
+THRESHOLD_ORIGINS = {"threshold": "given", "measured": "measured for the model",
+                     "default": "generic default"}
+
+
 @dataclass
 class DedupResult:
     threshold: float

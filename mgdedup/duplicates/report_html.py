@@ -37,7 +37,7 @@ from html import escape
 from pathlib import Path
 
 from mgdedup.cpus import available_cpus
-from mgdedup.duplicates.find import DedupResult
+from mgdedup.duplicates.find import THRESHOLD_ORIGINS, DedupResult
 from mgdedup.duplicates.report_text import FileFacts
 from mgdedup.files.atomic import write_text
 from mgdedup.files.names import printable
@@ -287,9 +287,8 @@ def _where(result: DedupResult, index_dir: str | Path | None) -> str:
     """The line saying what the report is of: index, date, threshold and its origin, rule."""
     from datetime import datetime
 
-    origin = {"threshold": "given", "measured": "measured for the model",
-              "default": "generic default", "precision": f"precision {result.target_precision}"
-              }.get(result.threshold_source, result.threshold_source)
+    origin = f"precision {result.target_precision}" if result.threshold_source == "precision" \
+        else THRESHOLD_ORIGINS.get(result.threshold_source, result.threshold_source)
     parts = ([f"index {printable(str(index_dir))}"] if index_dir is not None else []) + [
         f"made {datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"threshold {result.threshold:g} ({origin}, {result.score_kind} score)",
