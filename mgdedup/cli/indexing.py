@@ -11,6 +11,7 @@ import typer
 from mgdedup.cli.shell import (
     DEFAULT_RESOLUTION,
     ModelOption,
+    UsageError,
     WorkersOption,
     app,
     elapsed_and_rate,
@@ -52,6 +53,20 @@ def index(
         "--remember/--no-remember",
         help="Make this the index later commands use when not told --index. Default: yes, "
              "unless only single files are indexed.")] = None,
+    engine: Annotated[str, typer.Option(
+        "--engine", metavar="local|ray",
+        help="Where images are embedded: local (this machine's cores) or ray (a Ray "
+             "cluster; pip install 'mgdedup[ray]'). The index written is the same.")
+    ] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", metavar="ADDRESS",
+        help="Ray cluster to join, e.g. HOST:6379 or ray://HOST:10001. Default: "
+             "$RAY_ADDRESS, else one started with `ray start` here, else a new one on "
+             "this machine.")] = None,
+    ray_actors: Annotated[int | None, typer.Option(
+        "--ray-actors", min=1,
+        help="Model actors on the Ray cluster. Default: one per CPU (one per GPU with "
+             "--device cuda).")] = None,
 ) -> None:
     """Embed every image below FOLDERS; re-running only embeds new or changed files.
 
@@ -59,12 +74,20 @@ def index(
     N workers: mgdedup index ~/photos --shard K/N (K = 1..N), then
     mgdedup merge ~/photos/.mgdedup/shard-*-of-N --out ~/photos/.mgdedup
     """
+    from mgdedup.distributed.options import RayOptions, check_engine
     from mgdedup.embedding.backend_choice import preferred_backend
     from mgdedup.index.build import ProgressHooks, Shard, update_index
     from mgdedup.index.layout import default_index_dir
     from mgdedup.model.registry import canonical_spec
 
     parsed = Shard.parse(shard) if shard is not None else None
+    check_engine(engine)
+    if engine != "ray" and (ray_address is not None or ray_actors is not None):
+        raise UsageError("--ray-address and --ray-actors need --engine ray")
+    if engine == "ray" and parsed is not None:
+        raise UsageError("--engine ray shares the files among the cluster's actors "
+                           "itself: drop --shard")
+    ray = RayOptions(address=ray_address, actors=ray_actors) if engine == "ray" else None
     spec = canonical_spec(model)  # checked now; loaded only when something is embedded
     if out is not None:
         index_dir = out.expanduser()
@@ -82,7 +105,7 @@ def index(
         summary = update_index(folders, index_dir, None, spec, resolution,
                                batch_size=batch_size, workers=workers, rebuild=rebuild,
                                device=device, progress=hooks, shard=parsed, factory=factory,
-                               remember=remember)
+                               remember=remember, ray=ray)
     if summary.salvaged is not None:
         kept, aside = summary.salvaged
         say(f"warning: the index was damaged; {kept if kept is not None else 'no'} rows could "

@@ -156,7 +156,8 @@ def default_workers(forward_in_workers: bool = False) -> int:
 
 
 
-def _onnx_trunk(model: MultiGrainModel, backend: str) -> OnnxTrunk | None:
+def _onnx_trunk(model: MultiGrainModel, backend: str,
+                threads: int | None = None) -> OnnxTrunk | None:
     """The ONNX Runtime trunk for `backend` on CPU, or None (PyTorch) with the reason logged."""
     if backend == "torch":
         return None
@@ -165,7 +166,7 @@ def _onnx_trunk(model: MultiGrainModel, backend: str) -> OnnxTrunk | None:
         log.log(log_level, "no ONNX path for trunk %s: using PyTorch", model.info.trunk)
         return None
     try:
-        return OnnxTrunk(model.trunk, model.info.trunk)
+        return OnnxTrunk(model.trunk, model.info.trunk, threads=threads)
     except Exception as error:  # noqa: BLE001 - ORT errors subclass Exception only
         log.warning("ONNX Runtime backend unavailable (%s): using PyTorch", error)
         return None
@@ -182,9 +183,11 @@ class Embedder:
 
     def __init__(self, model: MultiGrainModel, resolution: int, *, device: str = "cpu",
                  batch_size: int = 16, workers: int | None = None,
-                 backend: str = "auto", p: float | None = None) -> None:
+                 backend: str = "auto", p: float | None = None,
+                 threads: int | None = None) -> None:
         """`p`: the GeM exponent, default the model's p* at `resolution` (an index or a cache
-        passes the p its rows were computed with)."""
+        passes the p its rows were computed with). `threads`: forward-pass threads in this
+        process (default: every available CPU; a cluster actor owning one CPU passes 1)."""
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise MgdedupError(f"--device {device}: no CUDA GPU is available here")
         if backend not in BACKENDS:
@@ -196,11 +199,12 @@ class Embedder:
         self.p = float(model.p_for(self.resolution) if p is None else p)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        if self.device.type == "cpu" and torch.get_num_threads() > available_cpus():
-            torch.set_num_threads(available_cpus())  # more threads than cores only thrash
+        cpus = threads or available_cpus()
+        if self.device.type == "cpu" and torch.get_num_threads() > cpus:
+            torch.set_num_threads(cpus)  # more threads than cores only thrash
         self.onnx: OnnxTrunk | None = None
         if self.device.type == "cpu":
-            self.onnx = _onnx_trunk(self.model, backend)
+            self.onnx = _onnx_trunk(self.model, backend, threads)
         elif backend == "onnx":
             log.warning("--backend onnx is CPU-only: using PyTorch on %s", self.device)
         self.workers = default_workers(self.onnx is not None) if workers is None else workers

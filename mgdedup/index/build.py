@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mgdedup.distributed.options import RayOptions
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import replacing, write_text
 from mgdedup.files.names import json_text
@@ -143,7 +144,8 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel 
                  model_name: str, resolution: int, *, batch_size: int = 16,
                  workers: int | None = None, rebuild: bool = False, device: str = "cpu",
                  progress: ProgressHooks | None = None, shard: Shard | str | None = None,
-                 factory: str | None = None, remember: bool | None = None) -> IndexSummary:
+                 factory: str | None = None, remember: bool | None = None,
+                 ray: RayOptions | None = None) -> IndexSummary:
     """Bring the index in `index_dir` up to date with the images below `roots`.
 
     `remember`: make it the index later commands use by default (`find_index`); None:
@@ -155,7 +157,9 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel 
     string to build and remember ("auto": back to the automatic choice); None keeps the one
     the index remembers. `model` None: the model `model_name` names, loaded only when
     something is embedded (an index with nothing new is checked against its cached facts,
-    `mgdedup.model.facts`, and PyTorch is never imported).
+    `mgdedup.model.facts`, and PyTorch is never imported). `ray`: embed on a Ray cluster
+    (`mgdedup.distributed.ray_embedding`) instead of this machine's cores; everything else,
+    and the index written, is the same.
     """
     progress = progress or ProgressHooks()
     index_dir = Path(index_dir).resolve()
@@ -190,7 +194,7 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel 
         summary = _update_locked(roots, files, scan_errors, index_dir, model, model_name,
                                  resolution, batch_size=batch_size, workers=workers,
                                  rebuild=rebuild, device=device, progress=progress,
-                                 shard=shard, factory=factory)
+                                 shard=shard, factory=factory, ray=ray)
     if remember is None:
         remember = not all(Path(r).expanduser().is_file() for r in roots)
     if remember:
@@ -236,7 +240,7 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
                    model: MultiGrainModel, model_name: str, resolution: int, *,
                    batch_size: int, workers: int | None, rebuild: bool, device: str,
                    progress: ProgressHooks, shard: Shard | None = None,
-                   factory: str | None = None) -> IndexSummary:
+                   factory: str | None = None, ray: RayOptions | None = None) -> IndexSummary:
     layout = IndexDir(index_dir)
     h5_path = layout.embeddings
     if rebuild:
@@ -297,13 +301,22 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
             loaded.shard = shard_spec
             check_compatible(store.meta, loaded, index_dir)
         embedder = None
-        if to_embed:
+        if to_embed and ray is not None:
+            from mgdedup.distributed.ray_embedding import RayEmbedding
+            from mgdedup.embedding.backend_choice import current_backend
+
+            progress.status(f"starting Ray for {len(to_embed)} new images")
+            embedder = RayEmbedding(model_name, resolution, ModelFacts.of(model, resolution),
+                                    options=ray, device=device, batch_size=batch_size,
+                                    backend=current_backend())
+        elif to_embed:
             from mgdedup.embedding.embedder import Embedder
 
             embedder = Embedder(model, resolution, device=device, batch_size=batch_size,
                                 workers=workers)
         batches = embedder.embed_files([f.path for f in to_embed],
-                                       on_progress=progress.advance) if embedder else []
+                                       on_progress=_embedding_status(progress)) \
+            if embedder else []
         for batch in batches:
             errors.extend((str(to_embed[i].path), reason) for i, reason in batch.errors)
             if batch.positions:
@@ -322,6 +335,21 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
     return IndexSummary(index_dir=index_dir, total=total, embedded=embedded,
                         unchanged=unchanged, removed=len(stale_rows), skipped=len(errors),
                         salvaged=salvaged)
+
+
+def _embedding_status(progress: ProgressHooks) -> Callable[[int], None]:
+    """`progress.advance` that first replaces the status ("loading the model", "starting
+    Ray") with "embedding", once the first images are done."""
+    started = False
+
+    def advance(count: int) -> None:
+        nonlocal started
+        if not started:
+            progress.status("embedding")
+            started = True
+        progress.advance(count)
+
+    return advance
 
 
 def _open_checked(h5_path: Path) -> IndexStore:
