@@ -15,9 +15,12 @@ from mgdedup.duplicates.find import find_duplicates
 from mgdedup.index import faiss_index
 from mgdedup.index.faiss_index import (
     AUTO_IVF_ROWS,
+    AUTO_SQ_ROWS,
     auto_factory,
+    build_and_save,
     build_index,
     ensure_index,
+    is_lossy,
     load_index,
     range_pairs,
     resolve_factory,
@@ -59,6 +62,9 @@ def test_auto_factory_is_exact_up_to_the_cut_over_then_ivf() -> None:
     for n in (AUTO_IVF_ROWS + 1, 3_000_000, 50_000_000):
         nlist = int(auto_factory(n)[3:].split(",")[0])
         assert nlist & (nlist - 1) == 0 and np.sqrt(n) / 2 <= nlist <= 2 * np.sqrt(n)
+    assert auto_factory(AUTO_SQ_ROWS).endswith(",Flat")  # vectors kept up to the SQ cut-over
+    assert auto_factory(AUTO_SQ_ROWS + 1).endswith(",SQ8")  # 8-bit codes above it
+    assert auto_factory(100_000_000) == "IVF8192,SQ8"  # 2^round(log2(1e4))
     assert resolve_factory(None, 10) == resolve_factory("auto", 10) == "Flat"
     assert resolve_factory(" HNSW32 ", 10) == "HNSW32"
 
@@ -146,3 +152,73 @@ def test_factory_persists_across_reindex(planted, tmp_path: Path) -> None:
                  "--factory", "IVF,Nope")
     assert result.exit_code == 1 and "invalid FAISS factory" in result.output
     assert "Traceback" not in result.output
+
+
+def test_lossy_factories_are_told_apart_from_exact_ones() -> None:
+    x = planted_vectors(n=2000, copies=10)
+    assert not is_lossy(build_index(x, 64)) and not is_lossy(build_index(x, 64, "IVF8,Flat"))
+    assert not is_lossy(build_index(x, 64, "HNSW16"))
+    assert is_lossy(build_index(x, 64, "IVF8,SQ8")) and is_lossy(build_index(x, 64, "IVF8,PQ8"))
+
+
+def test_sq8_pairs_rescored_from_the_rows_equal_brute_force() -> None:
+    """Codes move a cosine by up to ~0.005 at 64-d: the lossy search goes LOSSY_MARGIN below
+    the threshold, so no pair at or above it is lost; re-scoring drops the extra ones."""
+    x = planted_vectors(n=6000, copies=300, seed=8)
+    for t in (0.8, 0.9, 0.95):
+        expected = brute_force_pairs(x, t)
+        index = build_index(x, 64, "IVF16,SQ8")
+        index.nprobe = 16  # every list: only the codes' error is tested here
+        i, j, s = range_pairs(index, [(0, x)], t)
+        assert s.min() >= t - faiss_index.LOSSY_MARGIN
+        exact = np.einsum("ij,ij->i", x[i], x[j])
+        assert np.abs(exact - s).max() < 0.01
+        kept = exact >= np.float32(t)
+        assert set(zip(i[kept].tolist(), j[kept].tolist())) == expected
+        assert len(expected) > 50
+
+
+def test_lists_built_on_disk_search_like_lists_in_memory(tmp_path: Path, monkeypatch,
+                                                        capfd) -> None:
+    x = planted_vectors(n=5000, copies=250, seed=9)
+    monkeypatch.setattr(faiss_index, "DISK_PART_ROWS", 1800)  # three part indexes merged
+    monkeypatch.setattr(faiss_index, "LIST_RAM_FRACTION", 0.0)  # "RAM runs out" at any size
+    meta = IndexMeta("m", "m", 224, 3.0, "", 64, ["/p"], factory="IVF16,SQ8")
+    with IndexStore.create(tmp_path / "embeddings.h5", meta) as store:
+        store.append(rows(x))
+        first = build_and_save(store, "IVF16,SQ8", tmp_path / "faiss.index")
+        lists = sorted(tmp_path.glob("faiss-*.ivfdata"))
+        assert len(lists) == 1
+        on_disk = load_index(tmp_path / "faiss.index")
+        inverted = faiss.extract_index_ivf(on_disk).invlists
+        assert isinstance(faiss.downcast_InvertedLists(inverted), faiss.OnDiskInvertedLists)
+        in_memory = build_index(x, 64, "IVF16,SQ8")
+        assert on_disk.ntotal == in_memory.ntotal == len(x)
+        for index in (on_disk, in_memory):
+            index.nprobe = 4
+        a, b = range_pairs(on_disk, [(0, x)], 0.8), range_pairs(in_memory, [(0, x)], 0.8)
+        for got, want in zip(a, b):
+            np.testing.assert_array_equal(got, want)
+        assert len(a[0]) > 200
+        scores, ids = faiss_index.knn(on_disk, x[:50], 3)
+        assert (ids[:, 0] == np.arange(50)).all()  # ids are row numbers
+        del first, on_disk
+        build_and_save(store, "IVF16,SQ8", tmp_path / "faiss.index")  # a rebuild
+        again = sorted(tmp_path.glob("faiss-*.ivfdata"))
+        assert len(again) == 1 and again != lists  # the old list file is gone
+    assert capfd.readouterr().out == ""  # FAISS's own messages never reach stdout (data)
+
+
+def test_dedup_on_a_lossy_index_finds_the_flat_groups_at_exact_scores(tmp_path: Path) -> None:
+    x = planted_vectors()
+    found = {}
+    for name, factory in (("flat", None), ("sq8", "IVF8,SQ8")):
+        idx = tmp_path / name
+        meta = IndexMeta("m", "m", 224, 3.0, "", x.shape[1], ["/p"], factory=factory)
+        with IndexStore.create(idx / "embeddings.h5", meta) as store:
+            store.append(rows(x))
+        result = find_duplicates(idx, 0.8)
+        assert is_lossy(load_index(idx / "faiss.index")) == (factory is not None)
+        found[name] = sorted((g.keeper, sorted((m, round(float(s), 5)) for m, s in g.members))
+                             for g in result.groups)
+    assert found["flat"] == found["sq8"] and len(found["flat"]) >= 290

@@ -303,3 +303,23 @@ def test_undecodable_names_are_stored_losslessly(h5: Path) -> None:
     assert os.fsencode(store.read("paths")[1]) == b"bad\xff/\xe9t\xe9.jpg"
     with h5py.File(h5, "r") as f:  # the bytes themselves, as the file system names them
         assert f["paths"][1] == b"bad\xff/\xe9t\xe9.jpg"
+
+
+def test_reading_many_scattered_rows_matches_numpy_indexing(h5: Path, monkeypatch) -> None:
+    """Dense spans are read whole and sparse ones point by point; either way the rows are
+    those numpy's own indexing gives, in the order asked, repeats included."""
+    import mgdedup.index.store as store_module
+
+    monkeypatch.setattr(store_module, "TAKE_SPAN_ROWS", 64)
+    monkeypatch.setattr(store_module, "TAKE_POINTS", 8)
+    batch = make_batch(3000)
+    with IndexStore.create(h5, make_meta()) as store:
+        store.append(batch)
+    rng = np.random.default_rng(4)
+    dense = rng.integers(100, 400, 500)  # spans at least 1/16 full: read whole
+    sparse = rng.choice(3000, 40, replace=False)  # a few rows per span: read by point
+    wanted = np.concatenate([sparse, dense, sparse[:5]])
+    with IndexStore.open(h5) as store:
+        got = store.read("embeddings", wanted)
+        np.testing.assert_array_equal(got, batch.embeddings[wanted])
+        np.testing.assert_array_equal(store.read("size", wanted), batch.size[wanted])

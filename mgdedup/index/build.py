@@ -27,11 +27,10 @@ from mgdedup.files.atomic import replacing, write_text
 from mgdedup.files.names import json_text
 from mgdedup.imaging.scan import ScannedFile, scan_images
 from mgdedup.index.faiss_index import (
-    build_index,
+    build_and_save,
     check_factory,
     is_stale,
     resolve_factory,
-    save_index,
 )
 from mgdedup.index.layout import IndexDir, remember_index
 from mgdedup.index.lock import IndexLock
@@ -329,7 +328,7 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
                 or is_stale(layout.faiss, h5_path):
             kind = resolve_factory(store.meta.factory, total)
             log.info("building FAISS index %r over %d rows", kind, total)
-            save_index(build_index(store, store.meta.dim, kind), layout.faiss)
+            build_and_save(store, kind, layout.faiss)
     finally:
         store.close()
     return IndexSummary(index_dir=index_dir, total=total, embedded=embedded,

@@ -11,10 +11,16 @@ or after it, so the all-pairs search does half the work of a plain self-join.
 Scores are float32 and thresholds are compared in float32 (``score >= float32(threshold)``),
 the same semantics as ``S >= t`` on a NumPy float32 similarity matrix.
 
-Which index: exact ``Flat`` up to :data:`AUTO_IVF_ROWS` rows, an inverted file above (see
-:func:`auto_factory`; BENCHMARKS.md "Large collections" has the measurements behind the
-cut-over). A factory chosen with ``index --factory`` is stored in the HDF5 attributes and
-always wins.
+Which index: exact ``Flat`` up to :data:`AUTO_IVF_ROWS` rows, an inverted file of the
+vectors above, an inverted file of 8-bit codes (SQ8, a quarter of the memory) above
+:data:`AUTO_SQ_ROWS` (see :func:`auto_factory`; BENCHMARKS.md "Large collections" and "Search
+at 10M-100M rows" have the measurements behind the cut-overs). A factory chosen with
+``index --factory`` is stored in the HDF5 attributes and always wins. Inverted lists that
+would take more than :data:`LIST_RAM_FRACTION` of the machine's memory are written to a file
+beside ``faiss.index`` and memory-mapped (:func:`build_and_save`).
+
+Lossy indexes (SQ, PQ) give approximate scores: :func:`range_pairs` then searches
+:data:`LOSSY_MARGIN` below the threshold, and callers re-score every pair from the rows.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ import logging
 import math
 import os
 import re
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 
@@ -48,6 +57,17 @@ DEFAULT_EF_SEARCH = 64
 TRAIN_ROWS = 100_000
 #: row count above which the automatic choice leaves exact search for IVF (see auto_factory)
 AUTO_IVF_ROWS = 250_000
+#: row count above which the automatic choice stores 8-bit scalar codes (IVF..,SQ8) instead
+#: of the float vectors: 4M x 256-d floats are 4 GiB, their codes 1 GiB
+AUTO_SQ_ROWS = 4_000_000
+#: the share of this machine's memory that inverted lists may take in RAM; above it they are
+#: written to a file beside faiss.index and memory-mapped
+LIST_RAM_FRACTION = 0.4
+#: how far below the threshold a lossy index is searched: SQ8 moves a cosine by at most a
+#: few thousandths (measured, BENCHMARKS.md), and every pair is re-scored from the rows
+LOSSY_MARGIN = 0.02
+#: rows per part index when inverted lists are built on disk (one part is in RAM at a time)
+DISK_PART_ROWS = 1_000_000
 #: training vectors per IVF list (FAISS warns below 39)
 TRAIN_ROWS_PER_LIST = 40
 #: queries per FAISS range search: its exact search holds ~4 KiB of scores per query row
@@ -95,11 +115,27 @@ def auto_factory(rows: int) -> str:
     nlist ~ sqrt(N) (a power of two; 1024 at 1M) probes 1/64 of the rows at 1M: the measured
     balance of time and recall (BENCHMARKS.md "Large collections"); FAISS's usual 4 sqrt(N)
     probes 1/256 and missed over half of the pairs near cosine 0.5 on random data.
+
+    Above :data:`AUTO_SQ_ROWS` the lists hold 8-bit codes (``IVF<nlist>,SQ8``): at 10M-100M
+    rows the float vectors no longer fit in RAM, the codes move a cosine by at most a few
+    thousandths, and the pairs found are re-scored from the rows (:data:`LOSSY_MARGIN`).
     """
     if rows <= AUTO_IVF_ROWS:
         return "Flat"
-    nlist = 1 << round(math.log2(math.sqrt(rows)))
-    return f"IVF{min(nlist, 65536)},Flat"
+    nlist = min(1 << round(math.log2(math.sqrt(rows))), 65536)
+    return f"IVF{nlist},Flat" if rows <= AUTO_SQ_ROWS else f"IVF{nlist},SQ8"
+
+
+def is_lossy(index: faiss.Index) -> bool:
+    """True if `index` holds codes smaller than the float vectors (SQ, PQ): its scores are
+    approximate."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return ivf.code_size < 4 * index.d
+    try:
+        return index.sa_code_size() < 4 * index.d
+    except RuntimeError:  # kinds without standalone codes (HNSW,Flat): exact vectors
+        return False
 
 
 def resolve_factory(chosen: str | None, rows: int) -> str:
@@ -120,7 +156,8 @@ def check_factory(factory: str, dim: int) -> str:
 
 def build_index(source: Source, dim: int, factory: str = "Flat", *,
                 train_rows: int | None = None, seed: int = 0,
-                progress: Progress | None = None) -> faiss.Index:
+                progress: Progress | None = None,
+                list_file: Path | None = None) -> faiss.Index:
     """An inner-product FAISS index holding `source`'s rows, ids = row numbers.
 
     `source` is an IndexStore, an (N, dim) array, or (start, block) pairs in row order.
@@ -128,6 +165,8 @@ def build_index(source: Source, dim: int, factory: str = "Flat", *,
     trained on at most `train_rows` rows: a uniform sample of a store or array, the first rows
     of a block stream (which cannot be read twice); default the larger of TRAIN_ROWS and
     TRAIN_ROWS_PER_LIST per IVF list. `progress(rows_added)` after each block.
+    `list_file`: write an IVF index's inverted lists to this file and memory-map them (for
+    lists larger than RAM; see :func:`build_and_save`).
     """
     _auto_threads()
     index = _new_index(dim, factory)
@@ -151,6 +190,11 @@ def build_index(source: Source, dim: int, factory: str = "Flat", *,
             parts = [_as_matrix(b, dim) for _, b in buffered]
             sample = np.concatenate(parts)[:train_rows] if parts else np.zeros((0, dim), "f4")
         _train(index, sample, factory)
+    if list_file is not None and faiss.try_extract_index_ivf(index) is not None:
+        _fill_on_disk(index, blocks, dim, Path(list_file), progress)
+        log.info("built FAISS index %r: %d rows, dim %d, lists in %s", factory, index.ntotal,
+                 dim, list_file)
+        return index
     if isinstance(source, IndexStore | np.ndarray) and _fill_ivf_exactly(index, source, dim,
                                                                          progress):
         log.info("built FAISS index %r: %d rows, dim %d", factory, index.ntotal, dim)
@@ -208,6 +252,107 @@ def _fill_ivf_exactly(index: faiss.Index, source: IndexStore | np.ndarray, dim: 
     return True
 
 
+def _fill_on_disk(index: faiss.Index, blocks: Iterable[tuple[int, np.ndarray]], dim: int,
+                  list_file: Path, progress: Progress | None) -> None:
+    """Fill a trained, empty IVF index whose lists may not fit in RAM: the rows go, one
+    block of DISK_PART_ROWS at a time, into copies of the empty index written aside, which
+    FAISS then merges into one memory-mapped list file (its documented on-disk recipe,
+    `faiss.contrib.ondisk`). Ids are row numbers, as for every other index."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    parts_dir = list_file.with_name(list_file.name + ".parts")
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(parents=True)
+    try:
+        parts: list[str] = []
+        part, added = faiss.clone_index(index), 0
+
+        def write_part(filled: faiss.Index) -> None:
+            name = str(parts_dir / f"part-{len(parts):05d}.index")
+            faiss.write_index(filled, name)
+            parts.append(name)
+
+        for start, block in blocks:
+            if start != added:
+                raise ValueError(f"blocks must be contiguous from row 0: got start {start}, "
+                                 f"expected {added}")
+            block = _as_matrix(block, dim)
+            part.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+            added += len(block)
+            if part.ntotal >= DISK_PART_ROWS:
+                write_part(part)
+                part = faiss.clone_index(index)
+            if progress:
+                progress(added)
+        if part.ntotal or not parts:
+            write_part(part)
+        del part
+        list_file.unlink(missing_ok=True)
+        with _stdout_to_stderr():  # FAISS prints "resizing ..." there; stdout is data
+            merge_ondisk(index, parts, str(list_file))
+    finally:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what C++ code prints to file descriptor 1 to 2 instead, for the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def list_file_for(path: Path, dim: int, factory: str, rows: int) -> Path | None:
+    """Where :func:`build_and_save` puts the inverted lists of `factory` over `rows` rows:
+    None (in RAM, inside faiss.index) unless they would take more than LIST_RAM_FRACTION of
+    this machine's memory. A new name each build, so a reader that mapped the previous file
+    keeps reading it."""
+    ivf = faiss.try_extract_index_ivf(_new_index(dim, factory))
+    if ivf is None:
+        return None
+    if rows * (ivf.code_size + 8) <= LIST_RAM_FRACTION * memory_bytes():
+        return None
+    return path.with_name(f"{path.stem}-{os.urandom(4).hex()}.ivfdata")
+
+
+def memory_bytes() -> int:
+    """This machine's memory, capped by a cgroup v2 memory limit."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def build_and_save(source: IndexStore, factory: str, path: Path, *,
+                   progress: Progress | None = None) -> faiss.Index:
+    """Build the search index of `source` as `factory` and save it at `path`; its lists go to
+    a memory-mapped file beside it when they would not fit in RAM (:func:`list_file_for`).
+    List files of earlier builds are removed once the new index is in place."""
+    path = Path(path)
+    lists = list_file_for(path, source.meta.dim, factory, len(source))
+    try:
+        index = build_index(source, source.meta.dim, factory, progress=progress,
+                            list_file=lists)
+        save_index(index, path)
+    except BaseException:
+        if lists is not None:
+            lists.unlink(missing_ok=True)
+        raise
+    for old in path.parent.glob(f"{path.stem}-*.ivfdata"):
+        if old != lists:
+            old.unlink(missing_ok=True)
+    return index
+
+
 def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
     """Write atomically: a reader never sees a half-written index, even with concurrent
     writers (`mgdedup.files.atomic.replacing`)."""
@@ -261,12 +406,16 @@ def range_pairs(index: faiss.Index, blocks: Blocks, threshold: float, *,
     ``store.iter_embeddings()``; each block (in pieces of QUERY_ROWS) is one range search, so
     memory is O(N d + pairs).
     Returns int64 i, int64 j, float32 scores, sorted by (i, j). With an approximate index a
-    pair is kept if either of its rows finds the other (best score kept). `max_pairs` turns
+    pair is kept if either of its rows finds the other (best score kept). With a lossy one
+    (:func:`is_lossy`) the pairs down to threshold - LOSSY_MARGIN come back with approximate
+    scores: re-score them from the rows. `max_pairs` turns
     a runaway result (threshold far too low) into an MgdedupError instead of exhausting memory.
     `progress(rows_done)` after each block.
     """
     _auto_threads()
     t = np.float32(threshold)
+    if is_lossy(index):  # approximate scores: search below t, the caller re-scores
+        t = np.float32(threshold - LOSSY_MARGIN)
     # FAISS keeps sim > radius; the next float32 below t makes that exactly sim >= t
     radius = float(np.nextafter(t, np.float32(-np.inf)))
     flat = _flat_vectors(index)
@@ -457,12 +606,11 @@ def ensure_index(idx_dir: str | os.PathLike[str], store: IndexStore,
         auto_factory(len(store))
     log.info("rebuilding %s (%s) as %r from %d rows", path, reason, kind, len(store))
     del old
-    index = build_index(store, store.meta.dim, kind, progress=progress)
     try:
-        save_index(index, path)
+        return build_and_save(store, kind, path, progress=progress)
     except MgdedupError as exc:  # e.g. a read-only index directory: search anyway
         log.warning("%s; the index will be rebuilt next time", exc)
-    return index
+    return build_index(store, store.meta.dim, kind, progress=progress)
 
 
 #: stored vectors compared with the HDF5 rows each time a saved search index is loaded

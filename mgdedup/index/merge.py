@@ -33,7 +33,7 @@ import numpy as np
 
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import replacing, write_text
-from mgdedup.index.faiss_index import build_index, check_factory, resolve_factory, save_index
+from mgdedup.index.faiss_index import build_and_save, check_factory, resolve_factory
 from mgdedup.index.layout import IndexDir, find_index, remember_index
 from mgdedup.index.lock import IndexLock
 from mgdedup.index.store import IndexMeta, IndexStore
@@ -97,7 +97,7 @@ def merge_indexes(sources: Sequence[Path], out_dir: Path, *, factory: str | None
             kind = resolve_factory(chosen, total)
             layout.faiss.unlink(missing_ok=True)
             with IndexStore.open(target) as merged:
-                save_index(build_index(merged, merged.meta.dim, kind), layout.faiss)
+                build_and_save(merged, kind, layout.faiss)
     finally:
         for s in stores:
             s.close()

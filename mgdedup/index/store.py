@@ -793,6 +793,14 @@ def _join(root: str, rel: str) -> str:
     return os.path.join(root, *rel.split("/"))
 
 
+#: rows read by point selection at once (cheap for a few rows anywhere in the file)
+TAKE_POINTS = 1024
+#: a span of the file this long is read in one piece when at least 1/TAKE_DENSITY of its rows
+#: are wanted: far faster than a large point selection, and never the whole of a 100M-row file
+TAKE_SPAN_ROWS = 65536
+TAKE_DENSITY = 16
+
+
 def _take(ds: Any, rows: slice | Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
     """Rows of a 1-D or 2-D dataset limited to the first n (the snapshot)."""
     if rows is None:
@@ -809,8 +817,18 @@ def _take(ds: Any, rows: slice | Sequence[int] | np.ndarray | None, n: int) -> n
     if idx.min() < 0 or idx.max() >= n:
         raise IndexError(f"row index out of range for {n} rows")
     uniq, inverse = np.unique(idx, return_inverse=True)
-    if uniq.size <= 1024:  # point selection: cheap for a few rows anywhere in the file
-        data = np.asarray(ds[uniq])
-    else:  # many rows: one contiguous read is far faster than a huge point selection
-        data = np.asarray(ds[int(uniq[0]):int(uniq[-1]) + 1])[uniq - uniq[0]]
-    return data[inverse]
+    if uniq.size <= TAKE_POINTS:  # point selection: cheap for a few rows anywhere in the file
+        return np.asarray(ds[uniq])[inverse]
+    parts = []
+    start = 0
+    while start < uniq.size:  # spans of the file: dense ones read whole, sparse ones by point
+        stop = int(np.searchsorted(uniq, uniq[start] + TAKE_SPAN_ROWS))
+        chunk = uniq[start:stop]
+        span = int(chunk[-1] - chunk[0]) + 1
+        if chunk.size * TAKE_DENSITY >= span:  # reads at most TAKE_DENSITY x the rows wanted
+            parts.append(np.asarray(ds[int(chunk[0]):int(chunk[-1]) + 1])[chunk - chunk[0]])
+        else:
+            parts.extend(np.asarray(ds[chunk[k:k + TAKE_POINTS]])
+                         for k in range(0, chunk.size, TAKE_POINTS))
+        start = stop
+    return np.concatenate(parts)[inverse]
