@@ -222,3 +222,21 @@ def test_dedup_on_a_lossy_index_finds_the_flat_groups_at_exact_scores(tmp_path: 
         found[name] = sorted((g.keeper, sorted((m, round(float(s), 5)) for m, s in g.members))
                              for g in result.groups)
     assert found["flat"] == found["sq8"] and len(found["flat"]) >= 290
+
+
+def test_neighbours_of_a_lossy_index_are_rescored_from_the_rows() -> None:
+    x = planted_vectors(n=3000, copies=100, seed=11)
+    index = build_index(x, 64, "IVF8,SQ8")
+    index.nprobe = 8
+    queries = x[:40]
+    approx, ids = faiss_index.knn(index, queries, 5)
+    ids[3, 4] = -1  # a slot FAISS left empty stays last
+    scores, order_ids = faiss_index.rescored_neighbours(queries, ids, lambda rows: x[rows])
+    for q in range(len(queries)):
+        kept = order_ids[q][order_ids[q] >= 0]
+        assert sorted(kept.tolist()) == sorted(ids[q][ids[q] >= 0].tolist())
+        np.testing.assert_allclose(scores[q][:len(kept)], x[kept] @ queries[q], atol=1e-6)
+        assert (np.diff(scores[q][:len(kept)]) <= 0).all()
+    assert order_ids[3, 4] == -1 and scores[3, 4] == -np.inf
+    exact_at_faiss_order = np.einsum("qd,qkd->qk", queries, x[np.maximum(ids, 0)])
+    assert np.abs(approx - exact_at_faiss_order)[ids >= 0].max() > 1e-4  # FAISS's are not

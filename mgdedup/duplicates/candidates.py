@@ -55,13 +55,17 @@ def find_candidates(index, blocks: Iterable[tuple[int, np.ndarray]], hashes: np.
     """Candidates of every row: `blocks` are the indexed rows (start, block) as the search
     index holds them, `hashes` their perceptual hashes (uint64, UNKNOWN where missing), and
     `rows_of(sorted rows)` their descriptors (for the cosine of pairs found by hash only)."""
-    from mgdedup.index.faiss_index import knn  # FAISS: imported when candidates are made
+    # FAISS: imported when candidates are made
+    from mgdedup.index.faiss_index import is_lossy, knn, rescored_neighbours
 
     n = len(hashes)
     ranked: dict[tuple[int, int], tuple[int, float]] = {}
     background = np.zeros(n, np.float32)
+    lossy = is_lossy(index)
     for start, block in blocks:
         scores, ids = knn(index, block, neighbours + 1)
+        if lossy:  # 8-bit codes: cosines, ranks and background as the rows say
+            scores, ids = rescored_neighbours(block, ids, rows_of)
         rows = np.arange(start, start + len(block))
         not_self = ids != rows[:, None]
         for r, row in enumerate(rows.tolist()):

@@ -397,6 +397,23 @@ def knn(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np
     return scores.astype(np.float32), ids
 
 
+def rescored_neighbours(queries: np.ndarray, ids: np.ndarray,
+                        rows_of: Callable[[np.ndarray], np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of :func:`knn` neighbours with each score recomputed from the rows
+    (`rows_of(sorted unique ids)` gives their vectors) and put back in order, best first; -1
+    ids stay last at -inf. For lossy indexes, whose own scores are approximate."""
+    scores = np.full(ids.shape, -np.inf, np.float32)
+    found = np.unique(ids[ids >= 0])
+    if len(found):
+        vectors = np.asarray(rows_of(found), np.float32)
+        at = np.searchsorted(found, np.where(ids >= 0, ids, found[0]))
+        exact = np.einsum("qd,qkd->qk", np.asarray(queries, np.float32), vectors[at])
+        scores = np.where(ids >= 0, exact, -np.inf).astype(np.float32)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
 def range_pairs(index: faiss.Index, blocks: Blocks, threshold: float, *,
                 max_pairs: int | None = None,
                 progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

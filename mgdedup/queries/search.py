@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mgdedup.errors import MgdedupError
-from mgdedup.index.faiss_index import ensure_index, is_lossy, knn
+from mgdedup.index.faiss_index import ensure_index, is_lossy, knn, rescored_neighbours
 from mgdedup.index.layout import IndexDir
 
 
@@ -68,7 +68,8 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
                 return
             scores, ids = knn(index, vectors, k)
             if is_lossy(index):  # 8-bit codes: scores as the rows say
-                scores, ids = _exact_order(store, vectors, scores, ids)
+                scores, ids = rescored_neighbours(
+                    vectors, ids, lambda rows: store.read("embeddings", rows))
             for row, position in enumerate(positions):
                 found = [(paths[i], float(s)) for s, i in zip(scores[row], ids[row]) if i >= 0]
                 results[position].results = found
@@ -106,21 +107,6 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
                            np.asarray(batch.descriptors.descriptors, np.float32),
                            batch.phashes)
     return results
-
-
-def _exact_order(store, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) of a lossy index's neighbours re-scored from the stored rows and put
-    back in order, best first (-1 ids stay last)."""
-    found = np.unique(ids[ids >= 0])
-    if not len(found):
-        return scores, ids
-    vectors = np.asarray(store.read("embeddings", found), np.float32)
-    at = np.searchsorted(found, np.where(ids >= 0, ids, found[0]))
-    exact = np.einsum("qd,qkd->qk", queries.astype(np.float32), vectors[at])
-    exact = np.where(ids >= 0, exact, -np.inf).astype(np.float32)
-    order = np.argsort(-exact, axis=1, kind="stable")
-    return np.take_along_axis(exact, order, 1), np.take_along_axis(ids, order, 1)
 
 
 def _indexed_rows(store, paths: list[str], queries: Sequence[Path]) -> dict[int, int]:
