@@ -104,7 +104,7 @@ def step_build(idx_dir: str, factory: str, nprobe: int | None, queue: mp.Queue) 
         mgdedup.index.faiss_index.DEFAULT_NPROBE = nprobe
     t0 = time.perf_counter()
     with IndexStore.open(Path(idx_dir) / "embeddings.h5") as store:
-        kind = resolve_factory(factory, len(store))
+        kind = resolve_factory(factory, len(store), store.meta.dim)
         index = ensure_index(idx_dir, store, kind)
     queue.put({"cpu_s": round(cpu_seconds(), 1), "factory": kind, "nprobe":
                mgdedup.index.faiss_index.DEFAULT_NPROBE if "IVF" in kind

@@ -77,7 +77,7 @@ def build_first_index(folder: Path, idx_dir: Path, resolution: int) -> int:
                 digest=[file_digest(f.path) for f in chunk], width=np.full(n, 8),
                 height=np.full(n, 8), embeddings=x, gem_norm=np.ones(n, np.float32),
                 white_norm=np.ones(n, np.float32)))
-        kind = resolve_factory(None, len(store))
+        kind = resolve_factory(None, len(store), meta.dim)
         save_index(build_index(store, meta.dim, kind), IndexDir(idx_dir).faiss)
         (idx_dir / "errors.jsonl").write_text("")
         return len(store)

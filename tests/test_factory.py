@@ -15,7 +15,7 @@ from mgdedup.duplicates.find import find_duplicates
 from mgdedup.index import faiss_index
 from mgdedup.index.faiss_index import (
     AUTO_IVF_ROWS,
-    AUTO_SQ_ROWS,
+    AUTO_SQ_BYTES,
     auto_factory,
     build_and_save,
     build_index,
@@ -62,9 +62,13 @@ def test_auto_factory_is_exact_up_to_the_cut_over_then_ivf() -> None:
     for n in (AUTO_IVF_ROWS + 1, 3_000_000, 50_000_000):
         nlist = int(auto_factory(n)[3:].split(",")[0])
         assert nlist & (nlist - 1) == 0 and np.sqrt(n) / 2 <= nlist <= 2 * np.sqrt(n)
-    assert auto_factory(AUTO_SQ_ROWS).endswith(",Flat")  # vectors kept up to the SQ cut-over
-    assert auto_factory(AUTO_SQ_ROWS + 1).endswith(",SQ8")  # 8-bit codes above it
+    for dim in (256, 1280):  # float vectors up to AUTO_SQ_BYTES, 8-bit codes above
+        last_flat = AUTO_SQ_BYTES // (4 * dim)
+        assert auto_factory(last_flat, dim).endswith(",Flat")
+        assert auto_factory(last_flat + 1, dim).endswith(",SQ8")
+    assert auto_factory(1_000_000, 1280) == "IVF1024,SQ8"  # 4.8 GiB of floats
     assert auto_factory(100_000_000) == "IVF8192,SQ8"  # 2^round(log2(1e4))
+    assert resolve_factory(None, 10**7, 1280) == "IVF4096,SQ8"
     assert resolve_factory(None, 10) == resolve_factory("auto", 10) == "Flat"
     assert resolve_factory(" HNSW32 ", 10) == "HNSW32"
 

@@ -326,7 +326,7 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
         # also when nothing changed now: a run killed after its last append left it stale
         if stale_rows or embedded or store.meta.factory != old_factory \
                 or is_stale(layout.faiss, h5_path):
-            kind = resolve_factory(store.meta.factory, total)
+            kind = resolve_factory(store.meta.factory, total, store.meta.dim)
             log.info("building FAISS index %r over %d rows", kind, total)
             build_and_save(store, kind, layout.faiss)
     finally:

@@ -57,9 +57,9 @@ DEFAULT_EF_SEARCH = 64
 TRAIN_ROWS = 100_000
 #: row count above which the automatic choice leaves exact search for IVF (see auto_factory)
 AUTO_IVF_ROWS = 250_000
-#: row count above which the automatic choice stores 8-bit scalar codes (IVF..,SQ8) instead
-#: of the float vectors: 4M x 256-d floats are 4 GiB, their codes 1 GiB
-AUTO_SQ_ROWS = 4_000_000
+#: size of the float vectors above which the automatic choice stores 8-bit scalar codes
+#: (IVF..,SQ8), a quarter of it: 4 GiB is 4.2M rows of 256-d, 840k rows of 1280-d
+AUTO_SQ_BYTES = 4 << 30
 #: the share of this machine's memory that inverted lists may take in RAM; above it they are
 #: written to a file beside faiss.index and memory-mapped
 LIST_RAM_FRACTION = 0.4
@@ -104,7 +104,7 @@ def _auto_threads() -> None:
 
 
 # --- building, saving, loading ---------------------------------------------------------------
-def auto_factory(rows: int) -> str:
+def auto_factory(rows: int, dim: int = 256) -> str:
     """The factory chosen when the user chose none: exact ``Flat`` while the all-pairs search
     is affordable, ``IVF<nlist>,Flat`` above :data:`AUTO_IVF_ROWS` rows.
 
@@ -116,14 +116,15 @@ def auto_factory(rows: int) -> str:
     balance of time and recall (BENCHMARKS.md "Large collections"); FAISS's usual 4 sqrt(N)
     probes 1/256 and missed over half of the pairs near cosine 0.5 on random data.
 
-    Above :data:`AUTO_SQ_ROWS` the lists hold 8-bit codes (``IVF<nlist>,SQ8``): at 10M-100M
-    rows the float vectors no longer fit in RAM, the codes move a cosine by at most a few
-    thousandths, and the pairs found are re-scored from the rows (:data:`LOSSY_MARGIN`).
+    When the float vectors (rows x `dim` x 4 bytes) exceed :data:`AUTO_SQ_BYTES` the lists
+    hold 8-bit codes (``IVF<nlist>,SQ8``): at 10M-100M rows the vectors no longer fit in RAM,
+    the codes move a cosine by a few thousandths, and the pairs found are re-scored from the
+    rows (:data:`LOSSY_MARGIN`).
     """
     if rows <= AUTO_IVF_ROWS:
         return "Flat"
     nlist = min(1 << round(math.log2(math.sqrt(rows))), 65536)
-    return f"IVF{nlist},Flat" if rows <= AUTO_SQ_ROWS else f"IVF{nlist},SQ8"
+    return f"IVF{nlist},Flat" if rows * dim * 4 <= AUTO_SQ_BYTES else f"IVF{nlist},SQ8"
 
 
 def is_lossy(index: faiss.Index) -> bool:
@@ -138,10 +139,10 @@ def is_lossy(index: faiss.Index) -> bool:
         return False
 
 
-def resolve_factory(chosen: str | None, rows: int) -> str:
-    """The user's factory if any (``"auto"`` or None: automatic by row count)."""
+def resolve_factory(chosen: str | None, rows: int, dim: int = 256) -> str:
+    """The user's factory if any (``"auto"`` or None: automatic by row count and size)."""
     if chosen is None or chosen.strip().lower() in ("", "auto"):
-        return auto_factory(rows)
+        return auto_factory(rows, dim)
     return chosen.strip()
 
 
@@ -620,7 +621,7 @@ def ensure_index(idx_dir: str | os.PathLike[str], store: IndexStore,
                 return old
             log.warning("%s %s; rebuilding it from the index rows", path, reason)
     kind = factory or (_factory_of(old) if old is not None else None) or \
-        auto_factory(len(store))
+        auto_factory(len(store), store.meta.dim)
     log.info("rebuilding %s (%s) as %r from %d rows", path, reason, kind, len(store))
     del old
     try:

@@ -94,7 +94,7 @@ def merge_indexes(sources: Sequence[Path], out_dir: Path, *, factory: str | None
         with IndexLock(out_dir):
             total = _write(stores, keep, out_meta, target, progress)
             _merge_errors(dirs, layout.errors)
-            kind = resolve_factory(chosen, total)
+            kind = resolve_factory(chosen, total, meta.dim)
             layout.faiss.unlink(missing_ok=True)
             with IndexStore.open(target) as merged:
                 build_and_save(merged, kind, layout.faiss)
