@@ -244,3 +244,15 @@ def test_neighbours_of_a_lossy_index_are_rescored_from_the_rows() -> None:
     assert order_ids[3, 4] == -1 and scores[3, 4] == -np.inf
     exact_at_faiss_order = np.einsum("qd,qkd->qk", queries, x[np.maximum(ids, 0)])
     assert np.abs(approx - exact_at_faiss_order)[ids >= 0].max() > 1e-4  # FAISS's are not
+
+
+def test_a_cosine_threshold_on_product_quantized_codes_is_refused() -> None:
+    """PQ scores move by far more than LOSSY_MARGIN: a threshold on them would silently miss
+    most pairs, so range search says so instead (the copy path's neighbours still work)."""
+    from mgdedup.errors import MgdedupError
+
+    x = planted_vectors(n=3000, copies=50, seed=12)
+    index = build_index(x, 64, "IVF8,PQ8")
+    with pytest.raises(MgdedupError, match="product-quantized"):
+        range_pairs(index, [(0, x)], 0.8)
+    assert len(faiss_index.knn(index, x[:5], 3)[1]) == 5

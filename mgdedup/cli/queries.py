@@ -81,18 +81,17 @@ def classify(
 
     Example: mgdedup classify img.jpg -k 5
     """
-    from mgdedup.queries.classify import Prediction, classify_images, classify_index
+    from mgdedup.queries.classify import Prediction, classify_files, classify_index
 
     if images:
         from mgdedup.imaging.reading import probe
-        from mgdedup.model.registry import canonical_spec, load_model
+        from mgdedup.model.registry import canonical_spec
 
         spec = canonical_spec(model)  # a wrong --model is told before anything loads
         # files that cannot be images are told at once, before the model loads
         reasons = [probe(path) for path in images]
         readable = [path for path, reason in zip(images, reasons) if reason is None]
-        found = iter(classify_images(load_model(spec), readable, resolution, k=k)
-                     if readable else [])
+        found = iter(classify_files(spec, readable, resolution, k=k) if readable else [])
         predictions = [next(found) if reason is None else Prediction(str(path), [], reason)
                        for path, reason in zip(images, reasons)]
     elif index_dir is not None:

@@ -140,6 +140,10 @@ class RayEmbedding:
             available = gpus
         else:
             available = max(1, int(resources.get("CPU", 1)))
+        if self.options.actors and self.options.actors > available:
+            log.warning("--ray-actors %d: the cluster has %d %s now; the other actors wait "
+                        "until it grows", self.options.actors, available,
+                        "GPUs" if self.device.startswith("cuda") else "CPUs")
         return self.options.actors or available
 
     def _dataset(self, paths: Sequence[Path]) -> Any:
@@ -206,8 +210,8 @@ def _has_ray_token() -> bool:
 
 def _embedded_batch(out: dict[str, np.ndarray]) -> Any:
     """One output batch of the actors as the EmbeddedBatch the index writer appends."""
-    from mgdedup.embedding.embedder import EmbeddedBatch
-    from mgdedup.model.multigrain import Descriptors
+    from mgdedup.embedding.results import EmbeddedBatch
+    from mgdedup.model.descriptors import Descriptors
 
     ok = np.asarray(out["ok"], dtype=bool)
     positions = np.asarray(out["position"], dtype=np.int64)

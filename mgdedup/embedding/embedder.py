@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from mgdedup.embedding import onnx_trunk
 from mgdedup.embedding.backend_choice import BACKENDS, current_backend, preferred_backend  # noqa: F401
 from mgdedup.embedding.batching import as_item, as_list, shape_groups
 from mgdedup.embedding.onnx_trunk import OnnxTrunk
+from mgdedup.embedding.results import EmbeddedBatch
 from mgdedup.errors import MgdedupError
 from mgdedup.files.digest import file_digest
 from mgdedup.imaging.perceptual_hash import UNKNOWN as UNKNOWN_HASH
@@ -62,19 +63,6 @@ class DecodedImage:
     @property
     def readable(self) -> bool:
         return self.tensor is not None or self.gem is not None
-
-
-@dataclass
-class EmbeddedBatch:
-    """Descriptors for the readable images of one batch, and the reasons for the others."""
-
-    positions: list[int]  # into the input path list
-    sizes: list[tuple[int, int]]
-    digests: list[str]
-    descriptors: Descriptors
-    errors: list[tuple[int, str]]
-    gem: Tensor | None = None  # (B, C) raw GeM vectors, when asked for (exact classification)
-    phashes: list[int] = field(default_factory=list)  # perceptual hash per readable image
 
 
 class WorkerForward:

@@ -36,21 +36,30 @@ import torch
 from torch import Tensor
 
 from mgdedup.cpus import available_cpus
-from mgdedup.files import user_dirs
+from mgdedup.embedding.onnx_cache import (  # noqa: F401 - padding_class, _verified: for tests
+    GRAPH_VERSION,
+    STRIDE2_LAYERS,
+    OnnxUnavailable,
+    _seal,
+    _sealed,
+    _verified,
+    cache_dir,
+    class_name,
+    graph_path,
+    new_session,
+    padding_class,
+    weights_path,
+)
+from mgdedup.embedding.onnx_cache import import_ort as _import_ort
 from mgdedup.files.atomic import write_bytes
-from mgdedup.files.digest import file_digest
 from mgdedup.model.batchnorm import folded_conv
 from mgdedup.model.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
-#: bumped whenever the graph written for a class changes, so old cache files are not reused
-GRAPH_VERSION = 1
 OPSET = 17
 #: max |ORT - torch| / max|torch| on the check input of a class; fp32 differences are ~1e-6
 CHECK_TOLERANCE = 1e-4
-#: stride-2 convs in EfficientNet-Lite0 (stem + first block of four stages): 2^5 = 32
-STRIDE2_LAYERS = 5
 #: images per ONNX Runtime call. On CPU batch 1 ran as fast as batch 16 or faster (A/B under
 #: load, 500x375: 58-78 vs 72-91 CPU ms per image through the shared arena), and the activation
 #: memory ORT keeps reserved grows with the batch (~650 MB at 16 x 500x375, ~40 MB per image).
@@ -60,65 +69,11 @@ MAX_BATCH = 1
 #: a dropped one is reloaded from the cached file in ~0.05 s.
 MAX_SESSIONS = 16
 
-_shared_allocator = False
-
-
-class OnnxUnavailable(RuntimeError):
-    """The ONNX path cannot be used here (missing package, unsupported trunk, failed check)."""
-
-
-def cache_dir() -> Path:
-    """Where exported graphs live: regenerable, so under the user's cache directory."""
-    return user_dirs.cache_dir("onnx")
-
-
-def _parities(size: int) -> tuple[int, ...]:
-    bits = []
-    for _ in range(STRIDE2_LAYERS):
-        bits.append(size % 2)
-        size = -(-size // 2)  # ceil(size / 2): the TF "same" output size
-    return tuple(bits)
-
-
-def padding_class(height: int, width: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Parities of the inputs of the stride-2 convs along H and W: what fixes all padding."""
-    return _parities(height), _parities(width)
-
-
-def class_name(key: tuple[tuple[int, ...], tuple[int, ...]]) -> str:
-    return "h" + "".join(map(str, key[0])) + "-w" + "".join(map(str, key[1]))
-
-
 def supports(trunk: torch.nn.Module) -> bool:
     """Only our own EfficientNet-Lite0 has a graph writer; other trunks stay in torch."""
     from mgdedup.model.trunks.efficientnet_lite import EfficientNetLite0
 
     return isinstance(trunk, EfficientNetLite0)
-
-
-def _import_ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as error:
-        raise OnnxUnavailable("onnxruntime is not installed") from error
-    return onnxruntime
-
-
-def _share_allocator(ort: Any) -> bool:
-    """One CPU arena for every session of the process (once per process). Each session has its
-    own arena otherwise, and keeps its peak: with one session per padding class, a collection
-    of many image shapes held ~650 MB per class (measured: 4 classes, 3.4 GB)."""
-    global _shared_allocator
-    if not _shared_allocator:
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                                     ort.OrtMemType.DEFAULT)
-            # extend by what is asked (strategy 1), not to the next power of two
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
-            _shared_allocator = True
-        except Exception as error:  # noqa: BLE001 - ORT errors are bare Exceptions
-            log.debug("no shared ONNX Runtime allocator (%s): one arena per session", error)
-    return _shared_allocator
 
 
 class _GraphWriter:
@@ -257,12 +212,11 @@ class OnnxTrunk:
 
     def model_path(self, key: tuple[tuple[int, ...], tuple[int, ...]]) -> Path:
         """Cache file: the weights, the graph writer and the runtime that checked it."""
-        variant = f"v{GRAPH_VERSION}-ort{self.ort.__version__}-fp32-{class_name(key)}"
-        return self.cache / f"{self.fingerprint}-{variant}.onnx"
+        return graph_path(self.cache, self.fingerprint, self.ort.__version__, key)
 
     def weights_path(self) -> Path:
         """The one weights file every class's graph of this model refers to."""
-        return self.cache / f"{self.fingerprint}-v{GRAPH_VERSION}.weights"
+        return weights_path(self.cache, self.fingerprint)
 
     def _write_checked(self, key: tuple[tuple[int, ...], tuple[int, ...]],
                        rewrite_weights: bool = False) -> Any:
@@ -288,17 +242,7 @@ class OnnxTrunk:
         return session
 
     def _new_session(self, path: Path) -> Any:
-        options = self.ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle threads sleep instead of spinning: decoding workers share these cores, and
-        # spinning halved the throughput (and doubled the CPU time per image) when they did.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if _share_allocator(self.ort):
-            options.add_session_config_entry("session.use_env_allocators", "1")
-        return self.ort.InferenceSession(str(path), options,
-                                         providers=["CPUExecutionProvider"])
+        return new_session(self.ort, path, self.threads)
 
     def session(self, height: int, width: int) -> Any:
         """The session for inputs of this size. A class's graph is checked against PyTorch when
@@ -351,47 +295,6 @@ class OnnxTrunk:
         parts = [session.run(None, {"images": batch[i:i + MAX_BATCH]})[0]
                  for i in range(0, len(batch), MAX_BATCH)]
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
-
-
-SEAL_SUFFIX = ".blake2b"
-#: files verified by this process: path -> (size, mtime_ns) when they matched their seal
-_verified: dict[str, tuple[int, int]] = {}
-
-
-def _file_stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
-def _seal(path: Path) -> None:
-    """Record the digest of a checked cache file beside it (`_sealed` compares)."""
-    write_bytes(path.with_name(path.name + SEAL_SUFFIX), file_digest(path).encode("ascii"),
-                "ONNX cache seal")
-    stamp = _file_stamp(path)
-    if stamp is not None:
-        _verified[str(path)] = stamp
-
-
-def _sealed(path: Path) -> bool:
-    """Whether a cache file still has the bytes it had when it was checked against PyTorch (a
-    replaced or damaged graph or weights file is never used)."""
-    stamp = _file_stamp(path)
-    if stamp is None:
-        return False
-    if _verified.get(str(path)) == stamp:
-        return True
-    try:
-        recorded = path.with_name(path.name + SEAL_SUFFIX).read_text(encoding="ascii").strip()
-        actual = file_digest(path)
-    except (OSError, UnicodeDecodeError):
-        return False
-    if recorded != actual:
-        return False
-    _verified[str(path)] = stamp
-    return True
 
 
 def _smallest_size(parities: tuple[int, ...]) -> int:

@@ -19,13 +19,16 @@ No mean/std normalisation here: the model applies its own input scaling.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from mgdedup.imaging.perceptual_hash import UNKNOWN, phash
 from mgdedup.imaging.reading import open_rgb
+
+if TYPE_CHECKING:  # PyTorch only for the tensor the trunk takes (`to_tensor`)
+    import torch
 
 CROP_RESOLUTION_MAX = 224
 """Resolutions up to this one use the resize-then-centre-crop protocol."""
@@ -81,10 +84,18 @@ def crop_offset(size: tuple[int, int], crop: int) -> tuple[int, int]:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 (3, H, W) in [0, 1], contiguous."""
+    import torch
+
+    return torch.from_numpy(to_array(img))
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> float32 (3, H, W) in [0, 1], C-contiguous: the trunk's input, the
+    same float32 values as `to_tensor` (x / 255 is correctly rounded in both)."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3), a writable copy
-    return pixels.permute(2, 0, 1).contiguous().to(torch.float32).div_(255.0)
+    pixels = np.array(img, dtype=np.uint8)  # (H, W, 3)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
 
 
 def load_for_embedding(path: str | Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -97,7 +108,16 @@ def load_for_index(path: str | Path, resolution: int, with_hash: bool = True
                    ) -> tuple[torch.Tensor, tuple[int, int], np.uint64]:
     """What `index` stores of a file besides its descriptor: the (3, H, W) tensor for s*, the
     original upright (w, h) and the perceptual hash of the whole image (before any crop)."""
+    import torch
+
+    pixels, orig_size, hashed = load_array(path, resolution, with_hash)
+    return torch.from_numpy(pixels), orig_size, hashed
+
+
+def load_array(path: str | Path, resolution: int, with_hash: bool = True
+               ) -> tuple[np.ndarray, tuple[int, int], np.uint64]:
+    """`load_for_index` as a numpy array, for the path that runs without PyTorch."""
     img, orig_size = open_rgb(path, lambda size: decode_size_for(size, resolution))
     hashed = phash(img) if with_hash else UNKNOWN
     img = resize_for_resolution(img, resolution, orig_size)
-    return to_tensor(img), orig_size, hashed
+    return to_array(img), orig_size, hashed

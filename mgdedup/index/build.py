@@ -38,7 +38,7 @@ from mgdedup.index.store import DamagedIndex, IndexMeta, IndexStore, RowBatch, s
 from mgdedup.model.facts import ModelFacts, facts_for, remember_facts
 
 if TYPE_CHECKING:  # PyTorch is imported only when something is embedded
-    from mgdedup.embedding.embedder import EmbeddedBatch
+    from mgdedup.embedding.results import EmbeddedBatch
     from mgdedup.model.multigrain import MultiGrainModel
 
 log = logging.getLogger(__name__)
@@ -310,9 +310,11 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
                                     backend=current_backend())
         elif to_embed:
             from mgdedup.embedding.embedder import Embedder
+            from mgdedup.embedding.light import remember_arrays
 
             embedder = Embedder(model, resolution, device=device, batch_size=batch_size,
                                 workers=workers)
+            remember_arrays(model_name, model, resolution)  # search of new images: light
         batches = embedder.embed_files([f.path for f in to_embed],
                                        on_progress=_embedding_status(progress)) \
             if embedder else []

@@ -139,6 +139,14 @@ def is_lossy(index: faiss.Index) -> bool:
         return False
 
 
+def _product_quantized(index: faiss.Index) -> bool:
+    """PQ codes: a cosine can move by 0.5 (BENCHMARKS.md), fine for ranking neighbours that
+    are then re-scored, useless for a threshold."""
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(ivf if ivf is not None else index)
+    return isinstance(inner, faiss.IndexIVFPQ | faiss.IndexPQ)
+
+
 def resolve_factory(chosen: str | None, rows: int, dim: int = 256) -> str:
     """The user's factory if any (``"auto"`` or None: automatic by row count and size)."""
     if chosen is None or chosen.strip().lower() in ("", "auto"):
@@ -432,6 +440,11 @@ def range_pairs(index: faiss.Index, blocks: Blocks, threshold: float, *,
     """
     _auto_threads()
     t = np.float32(threshold)
+    if _product_quantized(index):
+        raise MgdedupError(
+            f"this index's search structure ({_factory_of(index)}) stores product-quantized "
+            "codes, whose scores are too rough for a cosine threshold: use the copy score, "
+            "or rebuild with `index --factory auto` (8-bit codes)")
     if is_lossy(index):  # approximate scores: search below t, the caller re-scores
         t = np.float32(threshold - LOSSY_MARGIN)
     # FAISS keeps sim > radius; the next float32 below t makes that exactly sim >= t

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mgdedup.model.descriptors import Descriptors  # noqa: F401 - re-exported
 from mgdedup.model.fingerprint import weights_fingerprint
 from mgdedup.model.pooling import GeM
 from mgdedup.model.pooling import gem as gem_pool
@@ -25,15 +26,6 @@ from mgdedup.model.whitening import ANY_RESOLUTION, Whitening
 
 #: p* used at a resolution when the model carries no measured table (docs/multigrain.md, section 4)
 DEFAULT_P_STAR = 3.0
-
-
-@dataclass
-class Descriptors:
-    """What the index stores per image: enough to search AND to classify without the image."""
-
-    descriptors: np.ndarray  # (N, k) float32, L2-normalised
-    gem_norm: np.ndarray  # (N,) float32, ||g||
-    white_norm: np.ndarray  # (N,) float32, ||Phi(l2n(g))|| before the final l2n (1 if no whitening)
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,9 +14,11 @@ from mgdedup.errors import MgdedupError
 from mgdedup.index.layout import IndexDir
 
 if TYPE_CHECKING:  # PyTorch is imported only when something is classified
-    import torch
 
     from mgdedup.model.multigrain import MultiGrainModel
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,17 +28,53 @@ class Prediction:
     error: str | None = None
 
 
-def top_k(logits: torch.Tensor, class_names: Sequence[str], k: int
+def top_k(logits: Any, class_names: Sequence[str], k: int
           ) -> list[list[tuple[int, str, float]]]:
-    import torch
-
-    probabilities = torch.softmax(logits.double(), dim=1)
+    """The k most probable classes per row of `logits` (numpy or torch), best first."""
+    z = np.asarray(logits.detach().cpu().numpy() if hasattr(logits, "detach") else logits,
+                   np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    probabilities = np.exp(z)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
     k = min(k, probabilities.shape[1])
-    values, indices = probabilities.topk(k, dim=1)
     names = list(class_names)
-    return [[(int(i), names[int(i)] if int(i) < len(names) else str(int(i)), float(v))
-             for v, i in zip(row_values, row_indices)]
-            for row_values, row_indices in zip(values, indices)]
+    out = []
+    for row in probabilities:
+        best = np.argsort(-row, kind="stable")[:k]
+        out.append([(int(i), names[int(i)] if int(i) < len(names) else str(int(i)),
+                     float(row[i])) for i in best])
+    return out
+
+
+def classify_files(canonical: str, paths: Sequence[Path], resolution: int, k: int = 5
+                   ) -> list[Prediction]:
+    """Classify image files with the model named `canonical`: without PyTorch when its
+    arrays and graphs are cached (`mgdedup.embedding.light`), else with it (which caches
+    them for the next time)."""
+    from mgdedup.embedding.light import LightModel, NotCached
+
+    if k < 1:
+        raise MgdedupError("-k must be at least 1")
+    try:
+        light = LightModel.load(canonical, resolution)
+        predictions = [Prediction(str(p), []) for p in paths]
+        for batch in list(light.embed_files(list(paths), with_hash=False, keep_gem=True)):
+            for position, reason in batch.errors:
+                predictions[position].error = reason
+            if batch.gem is not None:
+                tops = top_k(light.logits(batch.gem), light.class_names, k)
+                for position, top in zip(batch.positions, tops):
+                    predictions[position].top = top
+        return predictions
+    except NotCached as why:
+        log.debug("classifying with PyTorch: %s", why)
+    from mgdedup.embedding.light import remember_arrays
+    from mgdedup.model.registry import load_model
+
+    model = load_model(canonical)
+    predictions = classify_images(model, paths, resolution, k=k)
+    remember_arrays(canonical, model, resolution)
+    return predictions
 
 
 def classify_images(model: MultiGrainModel, paths: Sequence[Path], resolution: int, k: int = 5,

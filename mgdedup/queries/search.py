@@ -9,6 +9,7 @@ and no model is loaded for it.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import numpy as np
 from mgdedup.errors import MgdedupError
 from mgdedup.index.faiss_index import ensure_index, is_lossy, knn, rescored_neighbours
 from mgdedup.index.layout import IndexDir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,13 +96,8 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
                    None if digests is None else [str(digests[r]) for r in rows])
         todo = [position for position in range(len(queries)) if position not in stored]
         if todo:
-            from mgdedup.embedding.embedder import Embedder
-            from mgdedup.index.model_check import model_for_index
-
-            model = model_for_index(meta, model_spec)
-            # p as the rows were computed, even if the model's p* table changed since
-            embedder = Embedder(model, meta.resolution, workers=workers, p=meta.p)
-            for batch in embedder.embed_files([queries[p] for p in todo], digest=False):
+            for batch in _embedded_queries(meta, model_spec, [queries[p] for p in todo],
+                                           workers):
                 for position, reason in batch.errors:
                     results[todo[position]].error = reason
                 if batch.positions:
@@ -107,6 +105,35 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
                            np.asarray(batch.descriptors.descriptors, np.float32),
                            batch.phashes)
     return results
+
+
+def _embedded_queries(meta, model_spec: str | None, paths: list[Path], workers: int | None
+                      ) -> list:
+    """EmbeddedBatches of query files not in the index, as its rows were computed: without
+    PyTorch when the index's model is cached for the light path (and is the index's model),
+    else with it (which caches it for the next time)."""
+    from mgdedup.embedding.light import LightModel, NotCached, remember_arrays
+    from mgdedup.model.registry import canonical_spec
+
+    spec = model_spec if model_spec is not None else meta.model_name
+    try:
+        spec = canonical_spec(spec)
+        light = LightModel.load(spec, meta.resolution)
+        if light.fingerprint != meta.model_id or light.whitening_id != meta.whitening_id:
+            raise NotCached("the cached arrays are of another model than the index's")
+        light.p = meta.p  # as the rows were computed, even if the p* table changed since
+        return list(light.embed_files(paths))
+    except (NotCached, MgdedupError) as why:
+        log.debug("embedding the queries with PyTorch: %s", why)
+    from mgdedup.embedding.embedder import Embedder
+    from mgdedup.index.model_check import model_for_index
+
+    model = model_for_index(meta, model_spec)
+    # p as the rows were computed, even if the model's p* table changed since
+    embedder = Embedder(model, meta.resolution, workers=workers, p=meta.p)
+    batches = list(embedder.embed_files(paths, digest=False))
+    remember_arrays(spec, model, meta.resolution)
+    return batches
 
 
 def _indexed_rows(store, paths: list[str], queries: Sequence[Path]) -> dict[int, int]:
