@@ -143,7 +143,7 @@ def test_stale_faiss_is_rebuilt_when_nothing_is_left_to_embed(tmp_path, monkeypa
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(mgdedup.index.build, "save_index", killed)
+        patch.setattr(mgdedup.index.build, "build_and_save", killed)
         result = run("index", folder, "--resolution", "224", "--workers", "0")
     assert result.exit_code == 130, result.output
     assert _rows(idx / "embeddings.h5") == 7

@@ -271,8 +271,8 @@ def _fill_on_disk(index: faiss.Index, blocks: Iterable[tuple[int, np.ndarray]], 
 
     parts_dir = list_file.with_name(list_file.name + ".parts")
     shutil.rmtree(parts_dir, ignore_errors=True)
-    parts_dir.mkdir(parents=True)
     try:
+        parts_dir.mkdir(parents=True)
         parts: list[str] = []
         part, added = faiss.clone_index(index), 0
 
@@ -299,6 +299,9 @@ def _fill_on_disk(index: faiss.Index, blocks: Iterable[tuple[int, np.ndarray]], 
         list_file.unlink(missing_ok=True)
         with _stdout_to_stderr():  # FAISS prints "resizing ..." there; stdout is data
             merge_ondisk(index, parts, str(list_file))
+    except (RuntimeError, OSError) as exc:  # FAISS I/O: no space, no permission
+        raise MgdedupError(f"cannot write the search lists to {list_file}: "
+                           f"{_faiss_msg(exc)}") from exc
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
 
@@ -342,20 +345,31 @@ def memory_bytes() -> int:
 
 
 def build_and_save(source: IndexStore, factory: str, path: Path, *,
-                   progress: Progress | None = None) -> faiss.Index:
+                   progress: Progress | None = None,
+                   keep_unsaved: bool = False) -> faiss.Index:
     """Build the search index of `source` as `factory` and save it at `path`; its lists go to
     a memory-mapped file beside it when they would not fit in RAM (:func:`list_file_for`).
-    List files of earlier builds are removed once the new index is in place."""
+    List files of earlier builds are removed once the new index is in place. `keep_unsaved`:
+    a failed save (a read-only index folder) is a warning and the built index is returned,
+    for a reader that only needs to search now."""
     path = Path(path)
     lists = list_file_for(path, source.meta.dim, factory, len(source))
     try:
         index = build_index(source, source.meta.dim, factory, progress=progress,
                             list_file=lists)
-        save_index(index, path)
     except BaseException:
         if lists is not None:
             lists.unlink(missing_ok=True)
         raise
+    try:
+        save_index(index, path)
+    except MgdedupError as exc:
+        if not keep_unsaved:
+            if lists is not None:
+                lists.unlink(missing_ok=True)
+            raise
+        log.warning("%s; the index will be rebuilt next time", exc)
+        return index
     for old in path.parent.glob(f"{path.stem}-*.ivfdata"):
         if old != lists:
             old.unlink(missing_ok=True)
@@ -637,11 +651,8 @@ def ensure_index(idx_dir: str | os.PathLike[str], store: IndexStore,
         auto_factory(len(store), store.meta.dim)
     log.info("rebuilding %s (%s) as %r from %d rows", path, reason, kind, len(store))
     del old
-    try:
-        return build_and_save(store, kind, path, progress=progress)
-    except MgdedupError as exc:  # e.g. a read-only index directory: search anyway
-        log.warning("%s; the index will be rebuilt next time", exc)
-    return build_index(store, store.meta.dim, kind, progress=progress)
+    # a read-only index directory: search anyway
+    return build_and_save(store, kind, path, progress=progress, keep_unsaved=True)
 
 
 #: stored vectors compared with the HDF5 rows each time a saved search index is loaded
