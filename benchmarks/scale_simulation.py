@@ -30,35 +30,19 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
+from dedup_scale import cpu_seconds, peak_rss_mib  # one copy of the process meters
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 65536
 NEIGHBOURS = 20
 COSINE_THRESHOLD = 0.4229
 BINS = [0.42, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-
-
-def peak_rss_mib() -> float:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def generate(path: Path, rows: int, dim: int, planted: int, seed: int) -> dict:
