@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -45,8 +46,10 @@ def cluster(session_cache):
     # short: Ray's sockets live below it, and a Unix socket path has at most 107 bytes
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     # the cluster and this process (which imports Ray later) agree on token authentication
-    auth_before = os.environ.get("RAY_AUTH_MODE")
+    # (a fresh machine has no ~/.ray/auth_token, so the cluster gets its own token here)
+    auth_before = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     env = {**os.environ, "XDG_CACHE_HOME": str(session_cache), "RAY_USAGE_STATS_ENABLED": "0"}
     start = subprocess.run(
         ["ray", "start", "--head", "--num-cpus", "2", "--num-gpus", "0",
@@ -58,10 +61,11 @@ def cluster(session_cache):
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
-        if auth_before is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = auth_before
+        for key, value in auth_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def rows_by_path(index_dir: Path) -> dict[str, dict[str, object]]:
