@@ -71,7 +71,7 @@ DISK_PART_ROWS = 1_000_000
 #: training vectors per IVF list (FAISS warns below 39)
 TRAIN_ROWS_PER_LIST = 40
 #: queries per FAISS range search: its exact search holds ~4 KiB of scores per query row
-QUERY_ROWS = 8192
+QUERY_ROWS = 1024
 #: queries per IVF self-join step: more queries per list make larger, faster matrix products
 IVF_QUERY_ROWS = 32768
 

@@ -169,8 +169,7 @@ def _copy_results(store, index, scorer, paths: list[str], hashes: np.ndarray, qu
     `evidence_cache`) are not verified again."""
     from mgdedup.duplicates.candidates import query_candidates
     from mgdedup.duplicates.copy_score import features
-    from mgdedup.duplicates.local_match import Evidence, FeatureCache, extract_file, verify
-    from mgdedup.imaging.reading import ImageReadError
+    from mgdedup.duplicates.local_match import verify_pairs
 
     found = query_candidates(index, vector, query_hash, hashes,
                              lambda rows: np.asarray(store.read("embeddings", rows)))
@@ -183,17 +182,13 @@ def _copy_results(store, index, scorer, paths: list[str], hashes: np.ndarray, qu
                          np.arange(1, len(found.rows) + 1))
         evidence = [known.get(key) if key is not None else None for key in keys]
     todo = [position for position, e in enumerate(evidence) if e is None]
-    mine = None
     if todo:
-        try:
-            mine = extract_file(query)
-        except (ImageReadError, OSError):
-            mine = None
-    cache = FeatureCache([paths[int(found.rows[p])] for p in todo])
-    for slot, position in enumerate(todo):
-        theirs = cache.get(slot)
-        evidence[position] = verify(theirs, mine) if theirs is not None and mine is not None \
-            else Evidence()
+        # candidate (row 1..) against the query (row 0), as before; every image's features
+        # extracted once, on every core (a new query's candidates are ~all of the time)
+        checked = verify_pairs([str(query), *(paths[int(found.rows[p])] for p in todo)],
+                               np.arange(1, len(todo) + 1), np.zeros(len(todo), np.int64))
+        for position, found_evidence in zip(todo, checked, strict=True):
+            evidence[position] = found_evidence
     probability = scorer.probability(features(
         found.cosine, found.background_rows, np.full(len(found.rows), found.background_query),
         found.rank, found.hash_distance, evidence)) if len(found.rows) else np.zeros(0)
