@@ -21,9 +21,9 @@ from conftest import family_of
 from typer.testing import CliRunner
 
 from mgdedup.cli import app
+from mgdedup.duplicates.calibration_defaults import DEFAULT_TARGETS
 from mgdedup.duplicates.find import find_duplicates
 from mgdedup.duplicates.precision import (
-    DEFAULT_TARGETS,
     calibrate_index,
     ensure_calibration,
     load_calibration,

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import run
+from cli_helpers import one_line_error, run
 
 from mgdedup.model import facts
 from mgdedup.model.registry import DEFAULT_MODEL
 
 PROBE = """
-import runpy, sys
+import os, runpy, sys
 sys.argv = ["mgdedup", *sys.argv[1:]]
 try:
     runpy.run_module("mgdedup", run_name="__main__")
@@ -25,18 +25,37 @@ except SystemExit as stop:
     code = stop.code
 else:
     code = 0
-heavy = sorted(m for m in ("torch", "torchvision", "onnx") if m in sys.modules)
+heavy = sorted(m for m in os.environ["PROBE_MODULES"].split(",") if m in sys.modules)
 print("HEAVY=" + ",".join(heavy), file=sys.stderr)
 """
 
 
-def imports_of(*args: object, cwd: Path | None = None) -> tuple[list[str], str]:
-    """(heavy modules the command imported, its stderr), run in a fresh interpreter."""
+def imports_of(*args: object, cwd: Path | None = None,
+               modules: tuple[str, ...] = ("torch", "torchvision", "onnx")
+               ) -> tuple[list[str], str]:
+    """(which of `modules` the command imported, its stderr), run in a fresh interpreter."""
     done = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, env=os.environ.copy())
+                          text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "PROBE_MODULES": ",".join(modules)})
     line = [x for x in done.stderr.splitlines() if x.startswith("HEAVY=")]
     assert line, done.stderr
     return [m for m in line[-1][len("HEAVY="):].split(",") if m], done.stderr
+
+
+def test_help_and_argument_errors_import_no_array_or_image_library(tmp_path):
+    """--help, --version, a bad option value and a mistyped folder answer from the command
+    line layer alone (numpy, Pillow, h5py and FAISS cost ~0.2-0.4 s to import)."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for args, code in ((("--help",), 0), (("--version",), 0), (("dedup", "--help"), 0),
+                       (("index", "--help"), 0), (("dedup", "--threshold", "2"), 2),
+                       (("index", tmp_path / "missing-folder"), 1),
+                       (("index", fifo), 1)):
+        heavy, stderr = imports_of(*args, modules=("numpy", "PIL", "h5py", "faiss"))
+        assert heavy == [], f"mgdedup {' '.join(map(str, args))} imported {heavy}: {stderr}"
+    one_line_error(run("index", tmp_path / "missing-folder"), "no such folder")
+    one_line_error(run("index", fifo), "not a folder or a file")
 
 
 def test_commands_without_a_forward_pass_never_import_torch(lib, tmp_path):

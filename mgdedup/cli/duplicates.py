@@ -31,7 +31,7 @@ from mgdedup.cli.shell import (
     user_errors,
 )
 from mgdedup.duplicates.actions.kinds import SKIP, Action
-from mgdedup.duplicates.precision import (
+from mgdedup.duplicates.calibration_defaults import (
     DEFAULT_AUG_COPIES,
     DEFAULT_COPY_RATE,
     DEFAULT_NEIGHBOURS,
@@ -41,7 +41,7 @@ from mgdedup.duplicates.precision import (
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import check_writable
 from mgdedup.files.names import printable
-from mgdedup.imaging.edits import MAX_AUG_COPIES
+from mgdedup.imaging.edit_seeds import MAX_AUG_COPIES
 
 if TYPE_CHECKING:
     from mgdedup.duplicates.find import DedupResult

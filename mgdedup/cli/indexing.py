@@ -74,6 +74,9 @@ def index(
     N workers: mgdedup index ~/photos --shard K/N (K = 1..N), then
     mgdedup merge ~/photos/.mgdedup/shard-*-of-N --out ~/photos/.mgdedup
     """
+    from mgdedup.files.roots import check_roots
+
+    check_roots(folders)  # a mistyped folder answers before the index machinery is imported
     from mgdedup.distributed.options import RayOptions, check_engine
     from mgdedup.embedding.backend_choice import preferred_backend
     from mgdedup.index.build import ProgressHooks, Shard, update_index

@@ -65,6 +65,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mgdedup.duplicates.calibration_defaults import (
+    DEFAULT_AUG_COPIES,
+    DEFAULT_COPY_RATE,
+    DEFAULT_NEIGHBOURS,
+    DEFAULT_PROBE_ROWS,
+    DEFAULT_SAMPLE,
+)
 from mgdedup.duplicates.score_norm import ScoreNorm
 from mgdedup.errors import MgdedupError, one_line
 from mgdedup.files.atomic import write_text
@@ -78,13 +85,6 @@ if TYPE_CHECKING:  # heavy (torch, faiss, h5py): imported where used, the CLI st
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DEFAULT_SAMPLE = 200
-DEFAULT_AUG_COPIES = 2
-DEFAULT_NEIGHBOURS = 10
-#: images whose neighbours estimate F(t) (all of them in smaller collections)
-DEFAULT_PROBE_ROWS = 5000
-DEFAULT_COPY_RATE = 0.1
-DEFAULT_TARGETS = (0.9, 0.95, 0.99)
 #: the copy rate is bounded where at least this fraction of synthetic copies is flagged
 MIN_TPR_FOR_RATE = 0.25
 #: a calibration is stale once the collection grew or shrank by more than this fraction

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from mgdedup.imaging.edit_seeds import MAX_AUG_COPIES, augmented_seed  # noqa: F401
 from mgdedup.imaging.reading import ImageReadError, open_rgb
 
 #: JPEG quality copies are saved at
@@ -71,16 +72,6 @@ def shrunk(image: Image.Image, resolution: int) -> Image.Image:
         image = image.copy()
         image.thumbnail((limit, limit), Image.Resampling.LANCZOS)
     return image
-
-
-#: augmented copies per image that get distinct seeds
-MAX_AUG_COPIES = 64
-
-
-def augmented_seed(seed: int, position: int, copy: int) -> int:
-    """Seed of augmented copy `copy` (< MAX_AUG_COPIES) of the image at `position` of a set
-    made with `seed`."""
-    return seed * 1_000_003 + position * 64 + copy
 
 
 def make_copies(image: Image.Image, rng: np.random.Generator, *, resolution: int,

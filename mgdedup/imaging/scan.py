@@ -15,8 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mgdedup.errors import MgdedupError
 from mgdedup.files.regular import NotRegularFile, read_head
+from mgdedup.files.roots import check_roots
 from mgdedup.imaging.reading import HEAD_BYTES, not_image_reason, sniff_bytes
 
 log = logging.getLogger(__name__)
@@ -62,25 +62,22 @@ def scan_images(roots: Sequence[Path], *, skip_dirs: Sequence[str] = (".mgdedup"
     changed, so they are only stat'ed, not opened: a re-run over an unchanged collection
     costs one stat per file.
     """
+    check_roots(roots)
     found: dict[str, ScannedFile] = {}
     problems: list[tuple[Path, str]] = []
     skip = frozenset(skip_dirs)
     for given in roots:
         given = Path(given).expanduser()
-        if not given.exists():
-            if given.is_symlink():
-                problems.append((given, _dangling_reason(given)))
-                continue
-            raise MgdedupError(f"no such folder: {given}")
+        if not given.exists():  # a dangling link (check_roots refused any other)
+            problems.append((given, _dangling_reason(given)))
+            continue
         explicit = not given.is_dir()  # a file named on the command line is always reported
         if not explicit:
             root = given.resolve()
             candidates = _walk(root, skip, problems)
-        elif given.is_file():
+        else:
             root = given.absolute().parent.resolve()
             candidates = iter([os.path.join(root, given.name)])
-        else:
-            raise MgdedupError(f"not a folder or a file: {given}")
         for path in candidates:
             item = _examine(root, path, problems, explicit, known)
             if item is None:
