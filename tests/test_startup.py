@@ -27,6 +27,7 @@ else:
     code = 0
 heavy = sorted(m for m in os.environ["PROBE_MODULES"].split(",") if m in sys.modules)
 print("HEAVY=" + ",".join(heavy), file=sys.stderr)
+print(f"CODE={code}", file=sys.stderr)
 """
 
 
@@ -51,9 +52,11 @@ def test_help_and_argument_errors_import_no_array_or_image_library(tmp_path):
     for args, code in ((("--help",), 0), (("--version",), 0), (("dedup", "--help"), 0),
                        (("index", "--help"), 0), (("dedup", "--threshold", "2"), 2),
                        (("index", tmp_path / "missing-folder"), 1),
-                       (("index", fifo), 1)):
+                       (("index", fifo), 1),
+                       (("classify", tmp_path / "missing.jpg", tmp_path / "notes.txt"), 1)):
         heavy, stderr = imports_of(*args, modules=("numpy", "PIL", "h5py", "faiss"))
         assert heavy == [], f"mgdedup {' '.join(map(str, args))} imported {heavy}: {stderr}"
+        assert f"CODE={code}" in stderr.splitlines(), stderr
     one_line_error(run("index", tmp_path / "missing-folder"), "no such folder")
     one_line_error(run("index", fifo), "not a folder or a file")
 
