@@ -2,12 +2,14 @@
 
 Usage: python benchmarks/embed_throughput.py [--images 48] [--source FOLDER]
            [--resolutions 224,500] [--workers auto,1] [--backend auto] [--repeats 1]
+           [--precision fp32|int8]
 
 In one run, for each s*:
   index     `mgdedup.index.build.update_index` into a fresh temporary index (scan, decode with JPEG
             draft scaling and, with ONNX Runtime, the forward pass in DataLoader workers, HDF5
             write, FAISS build): the CLI path. --workers auto is what `index` picks; 1 with
-            ONNX Runtime is one worker doing both.
+            ONNX Runtime is one worker doing both. --precision int8: the rows from the
+            int8 graph (`index --precision int8`; the ceilings stay fp32).
   naive     full decode (`PIL.Image.open(...).convert("RGB")`), resize to the same geometry,
             one image at a time through the same model in PyTorch.
   ceiling   forward only (trunk + GeM) on random tensors of the s* shape (224x224, 500x375),
@@ -175,11 +177,11 @@ def naive_run(model: MultiGrainModel, paths: list[Path], resolution: int) -> int
 
 
 def index_once(folder: Path, model: MultiGrainModel, resolution: int, batch_size: int,
-               workers: int | None, backend: str) -> int:
+               workers: int | None, backend: str, precision: str | None = None) -> int:
     """One `update_index` of `folder` into a fresh temporary index, as the CLI runs it."""
     with tempfile.TemporaryDirectory() as out, preferred_backend(backend):
         summary = update_index([folder], Path(out) / "idx", model, DEFAULT_MODEL, resolution,
-                               batch_size=batch_size, workers=workers)
+                               batch_size=batch_size, workers=workers, precision=precision)
     return summary.embedded
 
 
@@ -244,6 +246,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--precision", default=None, choices=("fp32", "int8"))
     parser.add_argument("--seconds", type=float, default=4.0, help="per ceiling measurement")
     parser.add_argument("--inaug", type=Path, default=None,
                         help="photo folder: also compare IN-aug mAP of torch and onnx")
@@ -266,7 +269,8 @@ def main() -> None:
         for resolution in (int(r) for r in args.resolutions.split(",")):
             shape = (3, 224, 224) if resolution <= 224 else (3, resolution * 3 // 4, resolution)
             index_rates = {workers: best_rate(args.repeats, functools.partial(
-                index_once, folder, model, resolution, args.batch_size, workers, args.backend))
+                index_once, folder, model, resolution, args.batch_size, workers, args.backend,
+                args.precision))
                 for workers in workers_list}
             naive = best_rate(args.repeats, functools.partial(
                 naive_run, model, paths[:args.naive_images], resolution))

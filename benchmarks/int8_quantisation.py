@@ -4,6 +4,7 @@ decide the same?
 Usage: python benchmarks/int8_quantisation.py [--photos ../shared/photos]
        [--work bench-out/copy-decisions] [--calibration 64] [--resolution 500]
        [--method minmax|percentile] [--json out.json]
+       [--save-ranges mgdedup/assets/efficientnet-lite0-int8-ranges.json]
 
 - Calibration: `--calibration` photos of the "fit" part of --photos (never the evaluated
   "eval" part), decoded as `index` decodes them at s*, through ONNX Runtime's calibrator
@@ -20,6 +21,9 @@ Usage: python benchmarks/int8_quantisation.py [--photos ../shared/photos]
   columns the same) is written beside it. On both: mAP of copies retrieving their original,
   and `find_duplicates` at the default threshold and at 0.9 (pair precision, recall, smallest
   kind recall), as `copy_decisions.py` scores them.
+
+`--save-ranges` writes the calibrated ranges in the form `mgdedup.embedding.int8_graph` reads
+(the shipped file was written by `--method percentile --save-ranges ...`).
 """
 
 from __future__ import annotations
@@ -184,6 +188,25 @@ def decisions(index_dir: Path, copies) -> list[dict]:
     return rows
 
 
+def save_ranges(cache: Path, out: Path, fingerprint: str, method: str, photos: int,
+                resolution: int) -> None:
+    """ONNX Runtime's calibration cache -> the ranges file `int8_graph.ranges_for` reads."""
+    from mgdedup.embedding.int8_graph import RANGES_FORMAT
+
+    def value(x) -> float:
+        return float(x["data"]) if isinstance(x, dict) else float(x)
+
+    data = json.loads(cache.read_text())["data"]
+    ranges = {name: [value(v["lowest"]), value(v["highest"])] for name, v in sorted(data.items())}
+    what = "99.999th percentile" if method == "percentile" else "minimum and maximum"
+    out.write_text(json.dumps({
+        "format": RANGES_FORMAT, "version": 1, "weights_fingerprint": fingerprint,
+        "calibration": f"{what} of each activation over {photos} photos of the fit part of "
+                       f"the development photo set at s* = {resolution} "
+                       "(benchmarks/int8_quantisation.py --method percentile --save-ranges)",
+        "ranges": ranges}, indent=0) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=Path, default=Path("../shared/photos"))
@@ -192,6 +215,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=500)
     parser.add_argument("--method", default="minmax", choices=("minmax", "percentile"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--save-ranges", type=Path, default=None)
     args = parser.parse_args()
     res = args.resolution
 
@@ -209,6 +233,9 @@ def main() -> None:
     calibration = [load_array(p, res, with_hash=False)[0]
                    for p in photos_of(args.photos, "fit")[:args.calibration]]
     graphs.calibrate(calibration)
+    if args.save_ranges is not None:
+        save_ranges(graphs.ranges, args.save_ranges, graphs.trunk.fingerprint, args.method,
+                    len(calibration), res)
 
     report: dict = {"date": date.today().isoformat(), "machine": platform.machine(),
                     "resolution": res, "method": args.method,

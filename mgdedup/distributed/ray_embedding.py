@@ -48,7 +48,8 @@ class EmbedActor:
     """One model on one CPU (or GPU) of the cluster: (position, path) batches -> rows."""
 
     def __init__(self, model_name: str, resolution: int, facts: dict[str, Any], *,
-                 backend: str, device: str, batch_size: int, threads: int) -> None:
+                 backend: str, device: str, batch_size: int, threads: int,
+                 precision: str = "fp32") -> None:
         import torch
 
         from mgdedup.embedding.embedder import Embedder
@@ -64,7 +65,8 @@ class EmbedActor:
                 f"({', '.join(differs)}): install the same mgdedup and model on every node")
         self.dim = int(found["dim"])
         self.embedder = Embedder(model, resolution, device=device, batch_size=batch_size,
-                                 workers=0, backend=backend, threads=threads)
+                                 workers=0, backend=backend, threads=threads,
+                                 precision=precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [Path(str(p)) for p in batch["path"].tolist()]
@@ -101,11 +103,13 @@ class RayEmbedding:
 
     def __init__(self, model_name: str, resolution: int, facts: ModelFacts, *,
                  options: RayOptions, device: str = "cpu", batch_size: int = 16,
-                 backend: str = "auto", actor_class: type = EmbedActor) -> None:
+                 backend: str = "auto", actor_class: type = EmbedActor,
+                 precision: str = "fp32") -> None:
         """`actor_class`: EmbedActor or a subclass of it (tests inject worker deaths)."""
         self.model_name, self.resolution, self.facts = model_name, int(resolution), facts
         self.options, self.device = options, device
         self.batch_size, self.backend, self.actor_class = batch_size, backend, actor_class
+        self.precision = precision  # the index's: every actor computes its rows in it
         self.actors = 0  # known once connected
 
     def embed_files(self, paths: Sequence[Path], *,
@@ -167,7 +171,8 @@ class RayEmbedding:
             fn_constructor_kwargs={
                 "model_name": self.model_name, "resolution": self.resolution,
                 "facts": asdict(self.facts), "backend": self.backend,
-                "device": self.device, "batch_size": self.batch_size, "threads": 1},
+                "device": self.device, "batch_size": self.batch_size, "threads": 1,
+                "precision": self.precision},
             batch_size=self.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=self.actors),
             num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0)

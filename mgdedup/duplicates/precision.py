@@ -297,7 +297,9 @@ def calibrate_index(index_dir: Path, *, sample: int = DEFAULT_SAMPLE,
                       if score_norm is not None else None)
     model = model_for_index(meta, model_spec)
 
-    embedder = Embedder(model, meta.resolution, device=device, workers=workers)
+    # the synthetic copies are embedded as the index's rows were (its precision)
+    embedder = Embedder(model, meta.resolution, device=device, workers=workers,
+                        precision=meta.precision)
     with scratch_folder(IndexDir(index_dir).scratch, "calibrate") as tmp:
         copy_paths, positions, unreadable = write_copies(
             [paths[row] for row in chosen], tmp, resolution=meta.resolution,

@@ -32,6 +32,7 @@ from mgdedup.cpus import available_cpus, die_with_parent
 from mgdedup.embedding import onnx_trunk
 from mgdedup.embedding.backend_choice import BACKENDS, current_backend, preferred_backend  # noqa: F401
 from mgdedup.embedding.batching import as_item, as_list, shape_groups
+from mgdedup.embedding.onnx_cache import PRECISIONS
 from mgdedup.embedding.onnx_trunk import OnnxTrunk
 from mgdedup.embedding.results import EmbeddedBatch
 from mgdedup.errors import MgdedupError
@@ -74,7 +75,7 @@ class WorkerForward:
     def __init__(self, onnx: OnnxTrunk, p: float, eps: float, threads: int,
                  max_sessions: int) -> None:
         self.trunk, self.name, self.cache = onnx.trunk, onnx.name, onnx.cache
-        self.fingerprint = onnx.fingerprint
+        self.fingerprint, self.precision = onnx.fingerprint, onnx.precision
         self.p, self.eps = float(p), eps
         self.threads, self.max_sessions = threads, max_sessions
         self._onnx: OnnxTrunk | None = None
@@ -90,7 +91,7 @@ class WorkerForward:
             if self._onnx is None:
                 self._onnx = OnnxTrunk(self.trunk, self.name, threads=self.threads,
                                        cache=self.cache, max_sessions=self.max_sessions,
-                                       fingerprint=self.fingerprint)
+                                       fingerprint=self.fingerprint, precision=self.precision)
             with torch.inference_mode():
                 features = self._onnx.forward_features(item.tensor.unsqueeze(0))
                 vector = gem_pool(features, self.p, self.eps)[0]
@@ -145,8 +146,18 @@ def default_workers(forward_in_workers: bool = False) -> int:
 
 
 def _onnx_trunk(model: MultiGrainModel, backend: str,
-                threads: int | None = None) -> OnnxTrunk | None:
-    """The ONNX Runtime trunk for `backend` on CPU, or None (PyTorch) with the reason logged."""
+                threads: int | None = None, precision: str = "fp32") -> OnnxTrunk | None:
+    """The ONNX Runtime trunk for `backend` on CPU, or None (PyTorch) with the reason logged.
+    int8 has no PyTorch path: it is ONNX Runtime or an error."""
+    if precision == "int8":
+        if backend == "torch":
+            raise MgdedupError("int8 rows are computed by ONNX Runtime: --backend torch "
+                               "cannot add to this index (rebuild it with --precision fp32)")
+        try:
+            return OnnxTrunk(model.trunk, model.info.trunk, threads=threads, precision="int8")
+        except Exception as error:  # noqa: BLE001 - ORT errors subclass Exception only
+            raise MgdedupError(f"this index holds int8 rows, which need ONNX Runtime here "
+                               f"({error}); rebuild it with --precision fp32") from None
     if backend == "torch":
         return None
     if not onnx_trunk.supports(model.trunk):
@@ -172,10 +183,12 @@ class Embedder:
     def __init__(self, model: MultiGrainModel, resolution: int, *, device: str = "cpu",
                  batch_size: int = 16, workers: int | None = None,
                  backend: str = "auto", p: float | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, precision: str = "fp32") -> None:
         """`p`: the GeM exponent, default the model's p* at `resolution` (an index or a cache
         passes the p its rows were computed with). `threads`: forward-pass threads in this
-        process (default: every available CPU; a cluster actor owning one CPU passes 1)."""
+        process (default: every available CPU; a cluster actor owning one CPU passes 1).
+        `precision`: "fp32", or "int8" (ONNX Runtime on CPU only: an index's rows are all
+        of one precision, so int8 never falls back to PyTorch)."""
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise MgdedupError(f"--device {device}: no CUDA GPU is available here")
         if backend not in BACKENDS:
@@ -190,9 +203,16 @@ class Embedder:
         cpus = threads or available_cpus()
         if self.device.type == "cpu" and torch.get_num_threads() > cpus:
             torch.set_num_threads(cpus)  # more threads than cores only thrash
+        if precision not in PRECISIONS:
+            raise MgdedupError(f"unknown precision '{precision}' (known: "
+                               f"{', '.join(PRECISIONS)})")
+        if precision == "int8" and self.device.type != "cpu":
+            raise MgdedupError(f"int8 rows are computed on the CPU: --device {device} cannot "
+                               "add to this index (rebuild it with --precision fp32)")
+        self.precision = precision
         self.onnx: OnnxTrunk | None = None
         if self.device.type == "cpu":
-            self.onnx = _onnx_trunk(self.model, backend, threads)
+            self.onnx = _onnx_trunk(self.model, backend, threads, precision)
         elif backend == "onnx":
             log.warning("--backend onnx is CPU-only: using PyTorch on %s", self.device)
         self.workers = default_workers(self.onnx is not None) if workers is None else workers
@@ -224,6 +244,9 @@ class Embedder:
             try:
                 features = self.onnx.forward_features(batch)
             except Exception as error:  # noqa: BLE001 - failed check or ORT error: stop using it
+                if self.precision == "int8":
+                    raise MgdedupError(f"ONNX Runtime failed ({error}); this index's rows "
+                                       "are int8, which PyTorch cannot compute") from None
                 log.warning("ONNX Runtime backend failed (%s): using PyTorch", error)
                 self.onnx = None
             else:

@@ -134,12 +134,13 @@ class LightModel:
             raise NotCached(f"unreadable arrays file {path}: {error}") from None
 
     def embed_files(self, paths: Sequence[Path], *, with_hash: bool = True,
-                    keep_gem: bool = False) -> Iterator[EmbeddedBatch]:
+                    keep_gem: bool = False, precision: str = "fp32") -> Iterator[EmbeddedBatch]:
         """One EmbeddedBatch per file (positions into `paths`), like `Embedder.embed_files`
-        without digests. NotCached when a file's input size has no checked graph yet."""
+        without digests. NotCached when a file's input size has no checked graph yet (in
+        `precision`: an int8 index's queries go through its int8 graphs)."""
         from mgdedup.imaging.transforms import load_array
 
-        runner = _Trunk(self.fingerprint)
+        runner = _Trunk(self.fingerprint, precision)
         for position, path in enumerate(paths):
             try:
                 pixels, size, hashed = load_array(path, self.resolution, with_hash)
@@ -190,9 +191,9 @@ class LightModel:
 class _Trunk:
     """The trunk's checked ONNX graphs of one model, opened as input sizes come."""
 
-    def __init__(self, fingerprint: str) -> None:
+    def __init__(self, fingerprint: str, precision: str = "fp32") -> None:
         self.ort = onnx_cache.import_ort()
-        self.fingerprint = fingerprint
+        self.fingerprint, self.precision = fingerprint, precision
         self.cache = onnx_cache.cache_dir()
         self.sessions: dict[Any, Any] = {}
 
@@ -201,8 +202,10 @@ class _Trunk:
         session = self.sessions.get(key)
         if session is None:
             graph = onnx_cache.graph_path(self.cache, self.fingerprint, self.ort.__version__,
-                                          key)
-            weights = onnx_cache.weights_path(self.cache, self.fingerprint)
+                                          key, self.precision)
+            # an int8 graph holds its own weights
+            weights = onnx_cache.weights_path(self.cache, self.fingerprint) \
+                if self.precision == "fp32" else graph
             if not (onnx_cache._sealed(graph) and onnx_cache._sealed(weights)):
                 raise NotCached(f"no checked ONNX graph for inputs of class "
                                 f"{onnx_cache.class_name(key)}")

@@ -74,11 +74,17 @@ def _share_allocator(ort: Any) -> bool:
     return _shared_allocator
 
 
+#: what the trunk's graphs compute in: "fp32" (equal to PyTorch to ~1e-6) or "int8" (static
+#: QDQ, `mgdedup.embedding.int8_graph`); an index records which one made its rows
+PRECISIONS = ("fp32", "int8")
+
+
 def graph_path(cache: Path, fingerprint: str, ort_version: str,
-               key: tuple[tuple[int, ...], tuple[int, ...]]) -> Path:
-    """Cache file of a class's graph: the weights, the graph writer and the runtime that
-    checked it."""
-    return cache / f"{fingerprint}-v{GRAPH_VERSION}-ort{ort_version}-fp32-{class_name(key)}.onnx"
+               key: tuple[tuple[int, ...], tuple[int, ...]], precision: str = "fp32") -> Path:
+    """Cache file of a class's graph: the weights, the graph writer, the runtime that
+    checked it and the precision. An int8 graph holds its own (int8) weights."""
+    return cache / (f"{fingerprint}-v{GRAPH_VERSION}-ort{ort_version}-{precision}-"
+                    f"{class_name(key)}.onnx")
 
 
 def weights_path(cache: Path, fingerprint: str) -> Path:

@@ -38,6 +38,7 @@ from torch import Tensor
 from mgdedup.cpus import available_cpus
 from mgdedup.embedding.onnx_cache import (  # noqa: F401 - padding_class, _verified: for tests
     GRAPH_VERSION,
+    PRECISIONS,
     STRIDE2_LAYERS,
     OnnxUnavailable,
     _seal,
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 OPSET = 17
 #: max |ORT - torch| / max|torch| on the check input of a class; fp32 differences are ~1e-6
 CHECK_TOLERANCE = 1e-4
+#: an int8 graph is kept when its GeM vector of the check input has at least this cosine to
+#: PyTorch's (a wrong graph, e.g. other pads or weights, is far below)
+INT8_MIN_COSINE = 0.95
 #: images per ONNX Runtime call. On CPU batch 1 ran as fast as batch 16 or faster (A/B under
 #: load, 500x375: 58-78 vs 72-91 CPU ms per image through the shared arena), and the activation
 #: memory ORT keeps reserved grows with the batch (~650 MB at 16 x 500x375, ~40 MB per image).
@@ -192,7 +196,8 @@ class OnnxTrunk:
 
     def __init__(self, trunk: torch.nn.Module, name: str = "efficientnet_lite0", *,
                  threads: int | None = None, cache: Path | None = None,
-                 max_sessions: int | None = None, fingerprint: str | None = None) -> None:
+                 max_sessions: int | None = None, fingerprint: str | None = None,
+                 precision: str = "fp32") -> None:
         self.ort = _import_ort()
         import importlib.util
 
@@ -209,10 +214,26 @@ class OnnxTrunk:
         self.threads = threads or available_cpus()
         self.cache = cache or cache_dir()
         self.sessions: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], Any] = OrderedDict()
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}")
+        self.precision = precision
+        self.ranges = None
+        if precision == "int8":
+            from mgdedup.embedding import int8_graph
+
+            self.ranges = int8_graph.ranges_for(self.fingerprint) \
+                if int8_graph.quantiser_available() else None
+            if self.ranges is None:
+                raise OnnxUnavailable(f"no int8 graph for {name} here (no calibrated ranges "
+                                      "for these weights, or onnxruntime too old)")
+            # the fp32 graphs it is quantised from, checked against PyTorch as always
+            self.fp32 = OnnxTrunk(trunk, name, threads=threads, cache=cache, max_sessions=1,
+                                  fingerprint=self.fingerprint)
 
     def model_path(self, key: tuple[tuple[int, ...], tuple[int, ...]]) -> Path:
         """Cache file: the weights, the graph writer and the runtime that checked it."""
-        return graph_path(self.cache, self.fingerprint, self.ort.__version__, key)
+        return graph_path(self.cache, self.fingerprint, self.ort.__version__, key,
+                          self.precision)
 
     def weights_path(self) -> Path:
         """The one weights file every class's graph of this model refers to."""
@@ -221,6 +242,8 @@ class OnnxTrunk:
     def _write_checked(self, key: tuple[tuple[int, ...], tuple[int, ...]],
                        rewrite_weights: bool = False) -> Any:
         """Write the graph of a class, check it against PyTorch, keep the file only if good."""
+        if self.precision == "int8":
+            return self._write_int8(key)
         path, weights = self.model_path(key), self.weights_path()
         log.info("writing ONNX graph %s", path)
         graph, blob = split_weights(build_lite0_graph(self.trunk, key), weights.name)
@@ -241,6 +264,29 @@ class OnnxTrunk:
         _seal(path)
         return session
 
+    def _write_int8(self, key: tuple[tuple[int, ...], tuple[int, ...]]) -> Any:
+        """Quantise the class's checked fp32 graph with the shipped ranges; keep it only if
+        it still computes the trunk (`INT8_MIN_COSINE` on the check input)."""
+        from mgdedup.embedding.int8_graph import quantised
+
+        path = self.model_path(key)
+        fp32_path = self.fp32.model_path(key)
+        self.fp32.sessions.clear()
+        self.fp32.session(*_class_example(key))  # writes and checks the fp32 graph if needed
+        import onnx
+
+        log.info("writing int8 ONNX graph %s", path)
+        fp32_bytes = onnx.load(str(fp32_path)).SerializeToString()  # weights inline
+        write_bytes(path, quantised(fp32_bytes, self.ranges), "ONNX graph")
+        try:
+            session = self._new_session(path)
+            self._check(session, key)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        _seal(path)
+        return session
+
     def _new_session(self, path: Path) -> Any:
         return new_session(self.ort, path, self.threads)
 
@@ -255,7 +301,7 @@ class OnnxTrunk:
         while len(self.sessions) >= self.max_sessions:
             self.sessions.popitem(last=False)
         path = self.model_path(key)
-        weights = self.weights_path()
+        weights = self.weights_path() if self.precision == "fp32" else path  # int8: inline
         if not path.is_file():
             session = self._write_checked(key)
         elif not (_sealed(path) and _sealed(weights)):
@@ -283,6 +329,13 @@ class OnnxTrunk:
         got = session.run(None, {"images": images.numpy()})[0]
         if got.shape != expected.shape:
             raise OnnxUnavailable(f"ONNX output shape {got.shape} != torch {expected.shape}")
+        if self.precision == "int8":
+            cosine = _gem_cosine(got, expected)
+            log.debug("int8 ONNX class %s: GeM cosine to PyTorch %.4f", class_name(key), cosine)
+            if not cosine >= INT8_MIN_COSINE:
+                raise OnnxUnavailable(f"int8 ONNX output differs from torch (GeM cosine "
+                                      f"{cosine:.3f})")
+            return
         error = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-6))
         log.debug("ONNX class %s: relative max difference %.2e", class_name(key), error)
         if not error <= CHECK_TOLERANCE:
@@ -295,6 +348,18 @@ class OnnxTrunk:
         parts = [session.run(None, {"images": batch[i:i + MAX_BATCH]})[0]
                  for i in range(0, len(batch), MAX_BATCH)]
         return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def _gem_cosine(a: np.ndarray, b: np.ndarray, p: float = 3.0) -> float:
+    """Cosine of the GeM vectors of two (1, C, h, w) feature maps: what the int8 graph must
+    keep (its feature maps differ from fp32 by the quantisation steps)."""
+    ga = np.power(np.maximum(a, 1e-6), p).mean(axis=(2, 3)).ravel() ** (1 / p)
+    gb = np.power(np.maximum(b, 1e-6), p).mean(axis=(2, 3)).ravel() ** (1 / p)
+    return float(ga @ gb / max(float(np.linalg.norm(ga) * np.linalg.norm(gb)), 1e-12))
+
+
+def _class_example(key: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[int, int]:
+    return _smallest_size(key[0]), _smallest_size(key[1])
 
 
 def _smallest_size(parities: tuple[int, ...]) -> int:

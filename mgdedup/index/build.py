@@ -144,7 +144,7 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel 
                  workers: int | None = None, rebuild: bool = False, device: str = "cpu",
                  progress: ProgressHooks | None = None, shard: Shard | str | None = None,
                  factory: str | None = None, remember: bool | None = None,
-                 ray: RayOptions | None = None) -> IndexSummary:
+                 ray: RayOptions | None = None, precision: str | None = None) -> IndexSummary:
     """Bring the index in `index_dir` up to date with the images below `roots`.
 
     `remember`: make it the index later commands use by default (`find_index`); None:
@@ -158,8 +158,13 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel 
     something is embedded (an index with nothing new is checked against its cached facts,
     `mgdedup.model.facts`, and PyTorch is never imported). `ray`: embed on a Ray cluster
     (`mgdedup.distributed.ray_embedding`) instead of this machine's cores; everything else,
-    and the index written, is the same.
+    and the index written, is the same. `precision`: what the trunk computes the rows in,
+    "fp32" or "int8" (ONNX Runtime on CPU, models with calibrated ranges: twice as fast,
+    the same copy decisions, but classification moves; BENCHMARKS.md); None: an existing
+    index's own, fp32 for a new one. Asking an existing index for another one is refused.
     """
+    if precision not in (None, "fp32", "int8"):
+        raise MgdedupError(f"unknown precision '{precision}' (known: fp32, int8)")
     progress = progress or ProgressHooks()
     index_dir = Path(index_dir).resolve()
     if str(device).startswith("cuda"):
@@ -193,7 +198,7 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel 
         summary = _update_locked(roots, files, scan_errors, index_dir, model, model_name,
                                  resolution, batch_size=batch_size, workers=workers,
                                  rebuild=rebuild, device=device, progress=progress,
-                                 shard=shard, factory=factory, ray=ray)
+                                 shard=shard, factory=factory, ray=ray, precision=precision)
     if remember is None:
         remember = not all(Path(r).expanduser().is_file() for r in roots)
     if remember:
@@ -239,7 +244,8 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
                    model: MultiGrainModel, model_name: str, resolution: int, *,
                    batch_size: int, workers: int | None, rebuild: bool, device: str,
                    progress: ProgressHooks, shard: Shard | None = None,
-                   factory: str | None = None, ray: RayOptions | None = None) -> IndexSummary:
+                   factory: str | None = None, ray: RayOptions | None = None,
+                   precision: str | None = None) -> IndexSummary:
     layout = IndexDir(index_dir)
     h5_path = layout.embeddings
     if rebuild:
@@ -268,6 +274,7 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
             facts, model = facts_for(model_name, resolution)  # model: when it was loaded
         wanted = model_meta(facts, model_name, resolution, store.meta.roots)
         wanted.shard = shard_spec
+        wanted.precision = precision or store.meta.precision
         check_compatible(store.meta, wanted, index_dir)
         all_roots = list(store.meta.roots)
         for root in scanned_roots:
@@ -278,6 +285,7 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
         all_roots = scanned_roots
         meta = model_meta(model, model_name, resolution, all_roots)
         meta.shard = shard_spec
+        meta.precision = precision or "fp32"
         store = _create_store(h5_path, meta)
     old_factory = store.meta.factory
     if factory is not None:
@@ -298,6 +306,7 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
             # the facts came from a cache: the loaded model must agree before rows are added
             loaded = model_meta(model, model_name, resolution, store.meta.roots)
             loaded.shard = shard_spec
+            loaded.precision = store.meta.precision
             check_compatible(store.meta, loaded, index_dir)
         embedder = None
         if to_embed and ray is not None:
@@ -307,13 +316,14 @@ def _update_locked(roots: Sequence[Path], files: list[ScannedFile],
             progress.status(f"starting Ray for {len(to_embed)} new images")
             embedder = RayEmbedding(model_name, resolution, ModelFacts.of(model, resolution),
                                     options=ray, device=device, batch_size=batch_size,
-                                    backend=current_backend())
+                                    backend=current_backend(),
+                                    precision=store.meta.precision)
         elif to_embed:
             from mgdedup.embedding.embedder import Embedder
             from mgdedup.embedding.light import remember_arrays
 
             embedder = Embedder(model, resolution, device=device, batch_size=batch_size,
-                                workers=workers)
+                                workers=workers, precision=store.meta.precision)
             remember_arrays(model_name, model, resolution)  # search of new images: light
         batches = embedder.embed_files([f.path for f in to_embed],
                                        on_progress=_embedding_status(progress)) \

@@ -90,7 +90,8 @@ def merge_indexes(sources: Sequence[Path], out_dir: Path, *, factory: str | None
         out_meta = IndexMeta(model_id=meta.model_id, model_name=meta.model_name,
                              resolution=meta.resolution, p=meta.p,
                              whitening_id=meta.whitening_id, dim=meta.dim,
-                             roots=list(meta.roots), threshold=meta.threshold, factory=chosen)
+                             roots=list(meta.roots), threshold=meta.threshold, factory=chosen,
+                             precision=meta.precision)
         with IndexLock(out_dir):
             total = _write(stores, keep, out_meta, target, progress)
             _merge_errors(dirs, layout.errors)

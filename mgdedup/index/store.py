@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from mgdedup.embedding.onnx_cache import PRECISIONS
 from mgdedup.errors import MgdedupError, one_line
 from mgdedup.files.atomic import replacing
 from mgdedup.imaging.perceptual_hash import UNKNOWN as UNKNOWN_HASH
@@ -116,11 +117,15 @@ class IndexMeta:
     threshold: float | None = None  # default `dedup` threshold measured for these descriptors
     factory: str | None = None  # FAISS factory the user chose; None: automatic by row count
     shard: str | None = None  # "K/N" for a shard index (`index --shard`), None for a whole one
+    precision: str = "fp32"  # what the trunk computed the rows in: "fp32" or "int8"
 
     def __post_init__(self) -> None:
         self.resolution, self.dim, self.p = int(self.resolution), int(self.dim), float(self.p)
         self.factory = self.factory or None
         self.shard = self.shard or None
+        self.precision = self.precision or "fp32"
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}")
         if self.dim <= 0 or self.resolution <= 0:
             raise ValueError(f"dim and resolution must be positive, got {self.dim}, "
                              f"{self.resolution}")
@@ -128,7 +133,7 @@ class IndexMeta:
 
     def mismatch(self, other: IndexMeta) -> str | None:
         """Why descriptors of `other` cannot be mixed with these (None if they can)."""
-        for name in ("model_id", "resolution", "p", "whitening_id", "dim"):
+        for name in ("model_id", "resolution", "p", "whitening_id", "dim", "precision"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 return f"{name} differs ({mine!r} vs {theirs!r})"
@@ -254,7 +259,8 @@ def _read_meta(f: h5py.File, path: Path) -> IndexMeta:
                          roots=list(json.loads(attrs["roots"])),
                          threshold=float(attrs["threshold"]) if "threshold" in attrs else None,
                          factory=str(attrs["factory"]) if "factory" in attrs else None,
-                         shard=str(attrs["shard"]) if "shard" in attrs else None)
+                         shard=str(attrs["shard"]) if "shard" in attrs else None,
+                         precision=str(attrs["precision"]) if "precision" in attrs else "fp32")
     except (KeyError, ValueError, TypeError) as exc:
         raise DamagedIndex(f"index file is corrupt: {path} (bad attribute: "
                            f"{one_line(exc)})") from exc
@@ -301,8 +307,10 @@ def _write_meta(f: h5py.File, meta: IndexMeta) -> None:
                     "roots": json.dumps(meta.roots), "updated": _now()})
     if meta.threshold is not None:
         f.attrs["threshold"] = float(meta.threshold)
-    for name in ("factory", "shard"):
-        value = getattr(meta, name)
+    # fp32 (what every index made before int8 holds) is the absence of the attribute
+    precision = meta.precision if meta.precision != "fp32" else None
+    for name, value in (("factory", meta.factory), ("shard", meta.shard),
+                        ("precision", precision)):
         if value:
             f.attrs[name] = str(value)
         elif name in f.attrs:
@@ -314,6 +322,7 @@ def _write_meta(f: h5py.File, meta: IndexMeta) -> None:
 META_DIGEST_ATTR = "meta_digest"
 _SEALED_ATTRS = ("format", "model_id", "model_name", "resolution", "p", "whitening_id", "dim",
                  "roots", "threshold", "factory", "shard")
+_SEALED_WHEN_PRESENT = ("precision",)
 
 
 def _meta_digest(f: h5py.File) -> str:
@@ -323,6 +332,9 @@ def _meta_digest(f: h5py.File) -> str:
     for name in _SEALED_ATTRS:
         value = f.attrs.get(name)
         digest.update(f"{name}={value!r};".encode("utf-8", "surrogateescape"))
+    for name in _SEALED_WHEN_PRESENT:  # added later: older files' digests stay valid
+        if name in f.attrs:
+            digest.update(f"{name}={f.attrs[name]!r};".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

@@ -122,7 +122,7 @@ def _embedded_queries(meta, model_spec: str | None, paths: list[Path], workers: 
         if light.fingerprint != meta.model_id or light.whitening_id != meta.whitening_id:
             raise NotCached("the cached arrays are of another model than the index's")
         light.p = meta.p  # as the rows were computed, even if the p* table changed since
-        return list(light.embed_files(paths))
+        return list(light.embed_files(paths, precision=meta.precision))
     except (NotCached, MgdedupError) as why:
         log.debug("embedding the queries with PyTorch: %s", why)
     from mgdedup.embedding.embedder import Embedder
@@ -130,7 +130,8 @@ def _embedded_queries(meta, model_spec: str | None, paths: list[Path], workers: 
 
     model = model_for_index(meta, model_spec)
     # p as the rows were computed, even if the model's p* table changed since
-    embedder = Embedder(model, meta.resolution, workers=workers, p=meta.p)
+    embedder = Embedder(model, meta.resolution, workers=workers, p=meta.p,
+                        precision=meta.precision)
     batches = list(embedder.embed_files(paths, digest=False))
     remember_arrays(spec, model, meta.resolution)
     return batches
