@@ -277,6 +277,7 @@ class OnnxTrunk:
 
         log.info("writing int8 ONNX graph %s", path)
         fp32_bytes = onnx.load(str(fp32_path)).SerializeToString()  # weights inline
+        self.fp32.sessions.clear()  # its session is not needed again (~65 MB)
         write_bytes(path, quantised(fp32_bytes, self.ranges), "ONNX graph")
         try:
             session = self._new_session(path)
