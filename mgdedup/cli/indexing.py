@@ -85,14 +85,15 @@ def index(
     check_roots(folders)  # a mistyped folder answers before the index machinery is imported
     from mgdedup.distributed.options import RayOptions, check_engine
     from mgdedup.embedding.backend_choice import preferred_backend
+    from mgdedup.embedding.onnx_cache import PRECISIONS
     from mgdedup.index.build import ProgressHooks, Shard, update_index
     from mgdedup.index.layout import default_index_dir
     from mgdedup.model.registry import canonical_spec
 
     parsed = Shard.parse(shard) if shard is not None else None
     check_engine(engine)
-    if precision not in (None, "fp32", "int8"):
-        raise UsageError(f"--precision must be fp32 or int8, not {precision!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"--precision must be {' or '.join(PRECISIONS)}, not {precision!r}")
     if engine != "ray" and (ray_address is not None or ray_actors is not None):
         raise UsageError("--ray-address and --ray-actors need --engine ray")
     if engine == "ray" and parsed is not None:

@@ -81,6 +81,8 @@ def classify(
 
     Example: mgdedup classify img.jpg -k 5
     """
+    from mgdedup.queries.classify import Prediction, classify_files, classify_index
+
     if images:
         from mgdedup.imaging.sniffing import probe
         from mgdedup.model.registry import canonical_spec
@@ -88,19 +90,12 @@ def classify(
         spec = canonical_spec(model)  # a wrong --model is told before anything loads
         # files that cannot be images are told at once, before the model (or numpy) loads
         reasons = [probe(path) for path in images]
-        if all(reasons):
-            for path, reason in zip(images, reasons):
-                say(f"skipped {path}: {reason}")
-            raise typer.Exit(1)
-        from mgdedup.queries.classify import Prediction, classify_files
-
         readable = [path for path, reason in zip(images, reasons) if reason is None]
-        found = iter(classify_files(spec, readable, resolution, k=k))
+        found = iter(classify_files(spec, readable, resolution, k=k) if readable else [])
         predictions = [next(found) if reason is None else Prediction(str(path), [], reason)
                        for path, reason in zip(images, reasons)]
     elif index_dir is not None:
         from mgdedup.index.layout import find_index
-        from mgdedup.queries.classify import classify_index
 
         predictions = classify_index(find_index(index_dir), k=k, model_spec=model)
     else:

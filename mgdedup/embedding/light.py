@@ -201,11 +201,8 @@ class _Trunk:
         key = onnx_cache.padding_class(batch.shape[2], batch.shape[3])
         session = self.sessions.get(key)
         if session is None:
-            graph = onnx_cache.graph_path(self.cache, self.fingerprint, self.ort.__version__,
-                                          key, self.precision)
-            # an int8 graph holds its own weights
-            weights = onnx_cache.weights_path(self.cache, self.fingerprint) \
-                if self.precision == "fp32" else graph
+            graph, weights = onnx_cache.graph_files(self.cache, self.fingerprint,
+                                                    self.ort.__version__, key, self.precision)
             if not (onnx_cache._sealed(graph) and onnx_cache._sealed(weights)):
                 raise NotCached(f"no checked ONNX graph for inputs of class "
                                 f"{onnx_cache.class_name(key)}")

@@ -92,6 +92,15 @@ def weights_path(cache: Path, fingerprint: str) -> Path:
     return cache / f"{fingerprint}-v{GRAPH_VERSION}.weights"
 
 
+def graph_files(cache: Path, fingerprint: str, ort_version: str,
+                key: tuple[tuple[int, ...], tuple[int, ...]], precision: str = "fp32"
+                ) -> tuple[Path, Path]:
+    """(graph, weights) of a class: both must match their seals before a session is made
+    over them. An int8 graph holds its own weights, so it is its own weights file."""
+    graph = graph_path(cache, fingerprint, ort_version, key, precision)
+    return graph, weights_path(cache, fingerprint) if precision == "fp32" else graph
+
+
 def new_session(ort: Any, path: Path, threads: int) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

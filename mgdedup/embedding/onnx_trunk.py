@@ -46,6 +46,7 @@ from mgdedup.embedding.onnx_cache import (  # noqa: F401 - padding_class, _verif
     _verified,
     cache_dir,
     class_name,
+    graph_files,
     graph_path,
     new_session,
     padding_class,
@@ -267,14 +268,14 @@ class OnnxTrunk:
     def _write_int8(self, key: tuple[tuple[int, ...], tuple[int, ...]]) -> Any:
         """Quantise the class's checked fp32 graph with the shipped ranges; keep it only if
         it still computes the trunk (`INT8_MIN_COSINE` on the check input)."""
+        import onnx
+
         from mgdedup.embedding.int8_graph import quantised
 
         path = self.model_path(key)
         fp32_path = self.fp32.model_path(key)
         self.fp32.sessions.clear()
         self.fp32.session(*_class_example(key))  # writes and checks the fp32 graph if needed
-        import onnx
-
         log.info("writing int8 ONNX graph %s", path)
         fp32_bytes = onnx.load(str(fp32_path)).SerializeToString()  # weights inline
         self.fp32.sessions.clear()  # its session is not needed again (~65 MB)
@@ -301,8 +302,8 @@ class OnnxTrunk:
             return self.sessions[key]
         while len(self.sessions) >= self.max_sessions:
             self.sessions.popitem(last=False)
-        path = self.model_path(key)
-        weights = self.weights_path() if self.precision == "fp32" else path  # int8: inline
+        path, weights = graph_files(self.cache, self.fingerprint, self.ort.__version__, key,
+                                    self.precision)
         if not path.is_file():
             session = self._write_checked(key)
         elif not (_sealed(path) and _sealed(weights)):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mgdedup.distributed.options import RayOptions
+from mgdedup.embedding.onnx_cache import PRECISIONS
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import replacing, write_text
 from mgdedup.files.names import json_text
@@ -163,8 +164,8 @@ def update_index(roots: Sequence[Path], index_dir: Path, model: MultiGrainModel 
     the same copy decisions, but classification moves; BENCHMARKS.md); None: an existing
     index's own, fp32 for a new one. Asking an existing index for another one is refused.
     """
-    if precision not in (None, "fp32", "int8"):
-        raise MgdedupError(f"unknown precision '{precision}' (known: fp32, int8)")
+    if precision is not None and precision not in PRECISIONS:
+        raise MgdedupError(f"unknown precision '{precision}' (known: {', '.join(PRECISIONS)})")
     progress = progress or ProgressHooks()
     index_dir = Path(index_dir).resolve()
     if str(device).startswith("cuda"):

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from mgdedup.errors import MgdedupError
 from mgdedup.index.layout import IndexDir
 
@@ -31,6 +29,8 @@ class Prediction:
 def top_k(logits: Any, class_names: Sequence[str], k: int
           ) -> list[list[tuple[int, str, float]]]:
     """The k most probable classes per row of `logits` (numpy or torch), best first."""
+    import numpy as np  # here: the command line reports unreadable files without it
+
     z = np.asarray(logits.detach().cpu().numpy() if hasattr(logits, "detach") else logits,
                    np.float64)
     z = z - z.max(axis=1, keepdims=True)
@@ -103,6 +103,7 @@ def classify_images(model: MultiGrainModel, paths: Sequence[Path], resolution: i
 def classify_index(index_dir: Path, k: int = 5, model_spec: str | None = None,
                    block_rows: int = 8192) -> list[Prediction]:
     """Classify every indexed image from its stored descriptor and norms (no image read)."""
+    import numpy as np
     import torch
 
     from mgdedup.index.model_check import model_for_index
