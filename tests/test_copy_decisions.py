@@ -9,6 +9,7 @@ and a truncated file. At 0.9 it must give one group of four.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,68 @@ def test_an_index_without_a_copy_score_is_scored_by_cosine(imagededup_folder, tm
 
     one_line_error(run("dedup", "--index", out, "--score", "copy"), "no copy score",
                    "--score cosine")
+
+
+def test_a_rerun_takes_candidates_and_scores_from_the_cache_until_a_file_changes(
+        imagededup_folder, tmp_path, monkeypatch):
+    from conftest import copy_tree
+
+    from mgdedup.duplicates import copy_search, pair_cache
+    from mgdedup.duplicates.copy_score import CopyScorer
+    from mgdedup.duplicates.find import find_duplicates
+
+    folder = copy_tree(imagededup_folder, tmp_path / "images")
+    index = folder / ".mgdedup"
+    assert run("index", folder, "--workers", "0").exit_code == 0
+    searched = []
+    real_find, real_probability = copy_search.find_candidates, CopyScorer.probability
+    monkeypatch.setattr(copy_search, "find_candidates",
+                        lambda *a, **k: searched.append(1) or real_find(*a, **k))
+    scored = []
+    monkeypatch.setattr(CopyScorer, "probability",
+                        lambda self, x: scored.append(len(x)) or real_probability(self, x))
+
+    def groups() -> list:
+        result = find_duplicates(index, 0.5)
+        return [(g.keeper, sorted(g.members)) for g in result.groups]
+
+    first = groups()
+    assert len(searched) == 1 and len(scored) == 1 and (index / "candidates.npz").is_file()
+    assert first  # the folder holds copies
+    assert groups() == first and len(searched) == 1 and len(scored) == 1  # all cached
+    # another threshold: the same pairs and scores, other groups' cut
+    assert len(find_duplicates(index, 0.99).groups) <= len(first) and len(searched) == 1
+    # a damaged cache is ignored (checksum), and so is a well-formed one naming a pair
+    # outside the index
+    data = bytearray((index / "candidates.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (index / "candidates.npz").write_bytes(bytes(data))
+    assert groups() == first and len(searched) == 2
+    with np.load(index / "candidates.npz") as stored:
+        arrays = {name: stored[name] for name in stored.files if name != "checksum"}
+    arrays["j"] = arrays["j"] + 1000
+    arrays["checksum"] = np.array(pair_cache._checksum(arrays))
+    np.savez(index / "candidates.npz", **arrays)
+    assert groups() == first and len(searched) == 3
+    # a changed file: candidates searched and scored again
+    with Image.open(folder / "scene_resize.jpg") as image:
+        ImageOps.grayscale(image).convert("RGB").save(folder / "scene_resize.jpg", quality=70)
+    assert run("index", folder, "--workers", "0").exit_code == 0
+    groups()
+    assert len(searched) == 4 and len(scored) == 4
+    # a file overwritten since indexing (not indexed again): its pairs are verified from its
+    # new bytes, and that evidence is never kept under the digest of the indexed bytes
+    from mgdedup.duplicates import evidence_cache
+    from mgdedup.index.store import IndexStore
+
+    with IndexStore.open(index / "embeddings.h5") as store:
+        digest_of = dict(zip(map(str, store.absolute_paths()), store.read("digest")))
+    indexed = digest_of[str(folder / "scene_hflip.jpg")]
+    shutil.copy(folder / "other.jpg", folder / "scene_hflip.jpg")
+    (index / "verified.npz").unlink()  # everything verified again, from the files as they are
+    assert groups() == groups()
+    kept = evidence_cache.load(index / "verified.npz").keys.tolist()
+    assert kept and not [k for k in kept if indexed.encode() in k]
 
 
 def test_a_second_dedup_verifies_nothing_again_and_a_damaged_cache_is_ignored(

@@ -273,6 +273,82 @@ def test_a_tree_never_loops_on_any_input():
     assert tree.predict(x).tolist() == [-1.0, 1.0, 1.0]  # NaN is not below: goes right
 
 
+def _random_tree(rng, depth_left: int, features: int, nodes: dict) -> int:
+    """A random tree into `nodes` (lists by field), children after parents; its root."""
+    me = len(nodes["feature"])
+    for name in nodes:
+        nodes[name].append(0)
+    if depth_left == 0 or rng.random() < 0.3:  # leaves at every depth
+        nodes["feature"][me], nodes["value"][me] = -1, float(rng.normal())
+        nodes["left"][me] = nodes["right"][me] = -1
+        return me
+    nodes["feature"][me] = int(rng.integers(0, features))
+    nodes["threshold"][me] = float(rng.choice([0.0, 0.5, rng.normal()]))
+    nodes["left"][me] = _random_tree(rng, depth_left - 1, features, nodes)
+    nodes["right"][me] = _random_tree(rng, depth_left - 1, features, nodes)
+    return me
+
+
+def test_the_fast_forest_sums_what_walking_each_tree_gives():
+    rng = np.random.default_rng(8)
+    trees = []
+    for _ in range(40):
+        nodes = {name: [] for name in ("feature", "threshold", "left", "right", "value")}
+        _random_tree(rng, int(rng.integers(0, 5)), len(FEATURES), nodes)
+        trees.append(Tree(*(np.array(nodes[name]) for name in
+                            ("feature", "threshold", "left", "right", "value"))))
+    x = rng.normal(size=(3000, len(FEATURES)))
+    x[::7, 2] = 0.5  # exactly at a threshold: not below, so right
+    x[::11, 4] = np.nan  # NaN is not below: right
+    x[::13, 1] = np.inf
+    scorer = CopyScorer(trees, base=0.1, rate=0.3)
+    walked = sum((t.predict(x) for t in trees), np.zeros(len(x)))
+    expected = (1 / (1 + np.exp(-(0.1 + 0.3 * walked)))).astype(np.float32)
+    assert scorer._forest is not None and scorer._forest.depth >= 3
+    np.testing.assert_array_equal(scorer.probability(x), expected)
+    # a lone leaf is a tree too
+    stump = CopyScorer([Tree(np.array([-1]), np.zeros(1), np.array([-1]), np.array([-1]),
+                             np.array([0.7]))], base=0.0, rate=1.0)
+    np.testing.assert_allclose(stump.probability(x[:5]), 1 / (1 + np.exp(-0.7)), rtol=1e-6)
+
+
+def test_evidence_rows_and_their_cache_give_back_each_pair(tmp_path, monkeypatch):
+    from mgdedup.duplicates import evidence_cache
+    from mgdedup.duplicates.local_match import EvidenceRows
+
+    monkeypatch.setattr(evidence_cache, "settings", lambda: "test-settings")
+    cells = bytes(range(evidence_cache.CELLS))
+    pairs = [Evidence(), Evidence(inliers=40, cover_a=0.9, cover_b=0.4, angle=90.0,
+                                  log_scale=0.7, mirrored=True, agree=12, disagree=3,
+                                  ratio=0.25, cells=cells),
+             Evidence(inliers=7, cover_a=0.1, cover_b=0.2, angle=10.0, ratio=0.01)]
+    rows = EvidenceRows.of(pairs)
+    assert list(rows) == pairs and rows[-1] == pairs[-1] and rows[1:] == pairs[1:]
+    with pytest.raises(IndexError):
+        rows[3]
+    digests = np.array(["c" * 32, "a" * 32, "b" * 32, "", "a" * 31 + "f"])
+    i, j = np.array([0, 1, 0, 3, 2]), np.array([1, 2, 2, 4, 4])
+
+    def reference_key(a: int, b: int) -> bytes:  # the two digests, in order
+        if len(digests[a]) != 32 or len(digests[b]) != 32:
+            return b""
+        return "".join(sorted((digests[a], digests[b]))).encode()
+
+    keys = evidence_cache.pair_keys(digests, i, j)
+    assert keys.tolist() == [reference_key(a, b) for a, b in zip(i, j)]
+    path = tmp_path / "verified.npz"
+    evidence = [*pairs, Evidence(inliers=99), Evidence(inliers=5)]
+    evidence_cache.save(path, keys, evidence)
+    known = evidence_cache.load(path)
+    assert len(known) == 4  # the pair with a missing digest has no key
+    at = known.positions(keys)
+    assert (at >= 0).tolist() == [True, True, True, False, True]
+    for k in (0, 1, 2, 4):
+        assert known.get(keys[k]) == evidence[k] == known.rows(at[[k]])[0]
+    assert known.get(b"") is None and known.get(b"x" * 64) is None
+    assert known.positions(np.array([b"z" * 64])).tolist() == [-1]
+
+
 # --- local matching ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scene():

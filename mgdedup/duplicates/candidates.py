@@ -33,6 +33,13 @@ HASH_SEARCH_ROWS = 250_000
 BACKGROUND = ScoreNorm()  # ranks 3-10, as the SSCD-style normalisation
 
 
+def settings() -> str:
+    """The parameters candidates depend on besides the rows (a cache key,
+    `mgdedup.duplicates.pair_cache`)."""
+    return (f"neighbours={NEIGHBOURS};hash_radius={HASH_RADIUS};"
+            f"hash_search_rows={HASH_SEARCH_ROWS};background={BACKGROUND}")
+
+
 @dataclass
 class Candidates:
     """Pairs i < j (int64 arrays) and their global signals."""
@@ -59,39 +66,41 @@ def find_candidates(index, blocks: Iterable[tuple[int, np.ndarray]], hashes: np.
     from mgdedup.index.faiss_index import is_lossy, knn, rescored_neighbours
 
     n = len(hashes)
-    ranked: dict[tuple[int, int], tuple[int, float]] = {}
     background = np.zeros(n, np.float32)
     lossy = is_lossy(index)
+    found: list[tuple[np.ndarray, ...]] = []  # (i, j, rank, score, query row) per block
     for start, block in blocks:
         scores, ids = knn(index, block, neighbours + 1)
         if lossy:  # 8-bit codes: cosines, ranks and background as the rows say
             scores, ids = rescored_neighbours(block, ids, rows_of)
-        rows = np.arange(start, start + len(block))
-        not_self = ids != rows[:, None]
-        for r, row in enumerate(rows.tolist()):
-            kept_ids = ids[r][not_self[r] & (ids[r] >= 0)][:neighbours]
-            kept_scores = scores[r][not_self[r] & (ids[r] >= 0)][:neighbours]
-            background[row] = background_from_neighbours(kept_scores[None, :], BACKGROUND)[0]
-            for rank, (other, score) in enumerate(zip(kept_ids.tolist(), kept_scores.tolist())):
-                key = (min(row, other), max(row, other))
-                seen = ranked.get(key)
-                if seen is None or rank < seen[0]:
-                    ranked[key] = (rank, score)
-    by_hash = _hash_pairs(hashes, hash_radius) if n <= HASH_SEARCH_ROWS else {}
-    for key in by_hash:
-        ranked.setdefault(key, (NOT_A_NEIGHBOUR, np.nan))
-    keys = sorted(ranked)
-    i = np.array([a for a, _ in keys], np.int64)
-    j = np.array([b for _, b in keys], np.int64)
-    rank = np.array([ranked[k][0] for k in keys], np.int64)
-    cosine = np.array([ranked[k][1] for k in keys], np.float32)
+        rows = np.arange(start, start + len(block), dtype=np.int64)
+        valid = (ids != rows[:, None]) & (ids >= 0)
+        rank = np.cumsum(valid, axis=1) - 1  # position among the row's other rows
+        r, c = np.nonzero(valid & (rank < neighbours))
+        kept = np.full((len(block), neighbours), -np.inf, np.float32)
+        kept[r, rank[r, c]] = scores[r, c]
+        background[start:start + len(block)] = background_from_neighbours(kept, BACKGROUND)
+        a, b = rows[r], ids[r, c].astype(np.int64)
+        found.append((np.minimum(a, b), np.maximum(a, b), rank[r, c].astype(np.int64),
+                      scores[r, c].astype(np.float32), a))
+    hash_i, hash_j = _hash_pairs(hashes, hash_radius) if n <= HASH_SEARCH_ROWS else \
+        (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    found.append((hash_i, hash_j, np.full(len(hash_i), NOT_A_NEIGHBOUR, np.int64),
+                  np.full(len(hash_i), np.nan, np.float32), np.full(len(hash_i), n, np.int64)))
+    i, j, rank, cosine, seen_from = (np.concatenate(parts) for parts in zip(*found))
+    # a pair found several times: its smallest rank, seen first (from the smaller row) on
+    # a tie; pairs found by the hash only rank last
+    order = np.lexsort((seen_from, rank, j, i))
+    i, j, rank, cosine = i[order], j[order], rank[order], cosine[order]
+    first = np.ones(len(i), bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    i, j, rank, cosine = i[first], j[first], rank[first], cosine[first]
     missing = np.flatnonzero(np.isnan(cosine))
     if len(missing):
         needed = np.unique(np.concatenate([i[missing], j[missing]]))
-        vectors = rows_of(needed)
-        where = {int(r): k for k, r in enumerate(needed.tolist())}
-        a = vectors[[where[int(r)] for r in i[missing].tolist()]]
-        b = vectors[[where[int(r)] for r in j[missing].tolist()]]
+        vectors = np.asarray(rows_of(needed), np.float32)
+        a = vectors[np.searchsorted(needed, i[missing])]
+        b = vectors[np.searchsorted(needed, j[missing])]
         cosine[missing] = np.einsum("ij,ij->i", a, b)
     distance = hamming(hashes[i], hashes[j]) if len(i) else np.zeros(0, np.int64)
     log.info("%d candidate pairs for %d rows (%d found by the hash only)", len(i), n,
@@ -99,24 +108,27 @@ def find_candidates(index, blocks: Iterable[tuple[int, np.ndarray]], hashes: np.
     return Candidates(i, j, cosine, rank, distance, background)
 
 
-def _hash_pairs(hashes: np.ndarray, radius: int) -> set[tuple[int, int]]:
-    """Pairs of known hashes at most `radius` bits apart (FAISS binary range search)."""
+def _hash_pairs(hashes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) of known hashes at most `radius` bits apart (FAISS binary range
+    search), sorted."""
     import faiss
 
+    empty = np.zeros(0, np.int64), np.zeros(0, np.int64)
     known = np.flatnonzero(hashes != UNKNOWN)
     if len(known) < 2:
-        return set()
+        return empty
     codes = np.ascontiguousarray(hashes[known].astype(">u8")).view(np.uint8).reshape(-1, 8)
     index = faiss.IndexBinaryFlat(64)
     index.add(codes)
     lims, _, ids = index.range_search(codes, radius + 1)  # strictly below radius + 1
-    pairs = set()
-    for q in range(len(known)):
-        for other in ids[lims[q]:lims[q + 1]].tolist():
-            if other != q:
-                a, b = int(known[q]), int(known[other])
-                pairs.add((min(a, b), max(a, b)))
-    return pairs
+    query = np.repeat(np.arange(len(known)), np.diff(np.asarray(lims, np.int64)))
+    other = np.asarray(ids, np.int64)
+    query, other = query[other != query], other[other != query]
+    if not len(query):
+        return empty
+    a, b = known[query], known[other]
+    pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0)
+    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
 @dataclass

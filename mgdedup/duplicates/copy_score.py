@@ -18,15 +18,17 @@ copies) and `fitted_on` (what it was fitted on, in words).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mgdedup.duplicates.candidates import Candidates
-from mgdedup.duplicates.local_match import Evidence
+from mgdedup.duplicates.local_match import Evidence, EvidenceRows
 from mgdedup.errors import MgdedupError
 from mgdedup.files.atomic import write_text
 
@@ -37,7 +39,7 @@ FEATURES = ("cosine", "normalised", "log_rank", "hash_bits", "log_inliers", "cov
             "inlier_ratio", "frame_disagree")
 
 
-def pair_features(candidates: Candidates, evidence: list[Evidence]) -> np.ndarray:
+def pair_features(candidates: Candidates, evidence: Sequence[Evidence]) -> np.ndarray:
     """(P, len(FEATURES)) float64: the model's input for each candidate pair."""
     from mgdedup.duplicates.frames import frame_agreement
 
@@ -47,7 +49,7 @@ def pair_features(candidates: Candidates, evidence: list[Evidence]) -> np.ndarra
 
 
 def features(cosine: np.ndarray, background_a: np.ndarray, background_b: np.ndarray,
-             rank: np.ndarray, hash_distance: np.ndarray, evidence: list[Evidence],
+             rank: np.ndarray, hash_distance: np.ndarray, evidence: Sequence[Evidence],
              frame_agree: np.ndarray | None = None) -> np.ndarray:
     """The FEATURES columns of pairs (a, b) from their signals, one array entry per pair:
     the cosine, each image's background similarity, the neighbour rank, the hash distance,
@@ -59,7 +61,7 @@ def features(cosine: np.ndarray, background_a: np.ndarray, background_b: np.ndar
     where its frame-mates differ looks like any unframed pair. Fitting copies rarely have a
     third image in their frame, so a raw agreement would be learned as "framed, so a shared
     template" and turn down true copies in collections where they do."""
-    local = np.array([e.as_row() for e in evidence], np.float64).reshape(-1, 9)
+    local = EvidenceRows.of(evidence).values
     inliers, cover_a, cover_b, angle, log_scale, mirrored, agree, disagree, ratio = local.T
     cosine = np.asarray(cosine, np.float32)  # float32 arithmetic, as the fitting data had
     normalised = cosine - (np.asarray(background_a, np.float32)
@@ -102,6 +104,72 @@ class Tree:
         return self.value[node]
 
 
+class _PerfectForest:
+    """The trees as complete trees of one depth, nodes in heap order (children of k at 2k+1
+    and 2k+2), so that a tree is evaluated with one comparison per level over whole feature
+    columns instead of a walk per sample: about 15x faster on the ~10^5 candidate pairs of
+    a 10,000-image collection. A leaf above the full depth becomes a split that sends every
+    sample to two copies of itself, so the sums equal :meth:`Tree.predict`'s."""
+
+    #: deeper trees would make the complete form too large; they are walked instead
+    MAX_DEPTH = 6
+
+    def __init__(self, feature: np.ndarray, threshold: np.ndarray, value: np.ndarray) -> None:
+        self.feature, self.threshold, self.value = feature, threshold, value
+        self.depth = int(np.log2(value.shape[1]))
+
+    @classmethod
+    def of(cls, trees: list[Tree]) -> _PerfectForest | None:
+        if not trees:
+            return None
+        depths = [_depth(t) for t in trees]
+        depth = max(depths)
+        if depth > cls.MAX_DEPTH:
+            return None
+        inner, leaves = 2 ** depth - 1, 2 ** depth
+        feature = np.zeros((len(trees), max(inner, 1)), np.int64)
+        threshold = np.full((len(trees), max(inner, 1)), np.inf)
+        value = np.zeros((len(trees), leaves))
+        for t, tree in enumerate(trees):
+            stack = [(0, 0, 0)]  # (node of the tree, heap position, level)
+            while stack:
+                node, at, level = stack.pop()
+                if level == depth:
+                    value[t, at - inner] = tree.value[node]
+                elif tree.feature[node] < 0:  # a leaf above the full depth: both ways
+                    stack += [(node, 2 * at + 1, level + 1), (node, 2 * at + 2, level + 1)]
+                else:
+                    feature[t, at] = tree.feature[node]
+                    threshold[t, at] = tree.threshold[node]
+                    stack += [(int(tree.left[node]), 2 * at + 1, level + 1),
+                              (int(tree.right[node]), 2 * at + 2, level + 1)]
+        return cls(feature, threshold, value)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The sum of the trees' values for each row of x (as Tree.predict: a sample goes
+        right unless its feature is below the threshold, so NaN goes right)."""
+        columns = np.ascontiguousarray(np.asarray(x, np.float64).T)
+        n = len(x)
+        total = np.zeros(n)
+        if self.depth == 0:
+            return total + self.value[:, 0].sum()
+        offsets = np.arange(n)
+        for feature, threshold, value in zip(self.feature, self.threshold, self.value):
+            # every node's decision at once: (nodes, n), flattened for one gather per level
+            right = (~(columns[feature] < threshold[:, None])).ravel()
+            at = np.zeros(n, np.intp)  # heap position of each sample's node
+            for _ in range(self.depth):
+                at = 2 * at + 1 + right[at * n + offsets]
+            total += value[at - (2 ** self.depth - 1)]
+        return total
+
+
+def _depth(tree: Tree, node: int = 0) -> int:
+    if tree.feature[node] < 0:
+        return 0
+    return 1 + max(_depth(tree, int(tree.left[node])), _depth(tree, int(tree.right[node])))
+
+
 @dataclass
 class CopyScorer:
     """The fitted model (see the module docstring)."""
@@ -114,11 +182,30 @@ class CopyScorer:
     features: tuple[str, ...] = FEATURES
     fitted_on: str = ""
 
+    def __post_init__(self) -> None:
+        self._forest = _PerfectForest.of(self.trees)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of everything the scores depend on (a cache key)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha1(repr((FORMAT, VERSION, self.features, self.base,
+                                        self.rate)).encode())
+            for tree in self.trees:
+                for array in (tree.feature, tree.threshold, tree.left, tree.right, tree.value):
+                    digest.update(np.ascontiguousarray(array).tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
     def probability(self, x: np.ndarray) -> np.ndarray:
         if x.shape[1] != len(self.features):
             raise ValueError(f"{x.shape[1]} features for a model of {len(self.features)}")
-        margin = self.base + self.rate * sum((t.predict(x) for t in self.trees),
-                                             np.zeros(len(x)))
+        if self._forest is not None:
+            total = self._forest.predict(x)
+        else:
+            total = sum((t.predict(x) for t in self.trees), np.zeros(len(x)))
+        margin = self.base + self.rate * total
         return (1.0 / (1.0 + np.exp(-margin))).astype(np.float32)
 
     def threshold_for(self, precision: float) -> tuple[float, float, float] | None:

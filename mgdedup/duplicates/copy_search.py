@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 from mgdedup.duplicates.candidates import Candidates, find_candidates
 from mgdedup.duplicates.copy_score import CopyScorer, pair_features
 from mgdedup.duplicates.grouping import Group
-from mgdedup.duplicates.local_match import Evidence, verify_pairs
+from mgdedup.duplicates.local_match import Evidence, EvidenceRows, verify_pairs
 from mgdedup.errors import MgdedupError
 from mgdedup.index.store import IndexStore
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ScoredPairs:
     candidates: Candidates
-    evidence: list[Evidence]
+    evidence: Sequence[Evidence]  # EvidenceRows where a cache was used
     probability: np.ndarray  # float32, one per candidate pair
 
     @property
@@ -50,15 +51,40 @@ class ScoredPairs:
 
 def score_collection(store: IndexStore, index, scorer: CopyScorer, paths: list[str], *,
                      block_rows: int = 16384, workers: int | None = None,
-                     cache: Path | None = None,
+                     cache: Path | None = None, pairs_cache: Path | None = None,
+                     search_file: Path | None = None,
                      on_start: Callable[[int], None] | None = None,
                      on_progress: Callable[[int], None] | None = None) -> ScoredPairs:
-    """Every candidate pair of an index with its evidence and copy score."""
-    candidates, evidence = collect_evidence(store, index, paths, block_rows=block_rows,
-                                            workers=workers, cache=cache, on_start=on_start,
-                                            on_progress=on_progress)
-    probability = scorer.probability(pair_features(candidates, evidence)) \
-        if len(candidates) else np.zeros(0, np.float32)
+    """Every candidate pair of an index with its evidence and copy score.
+
+    `index` is the search index, or a function giving it (called only when the candidates
+    must be searched). With `pairs_cache` (``IDX/candidates.npz``,
+    `mgdedup.duplicates.pair_cache`; `search_file` is the saved search index it depends
+    on) the candidates and scores of unchanged rows are taken from an earlier run."""
+    from mgdedup.duplicates import pair_cache as pairs_file
+    from mgdedup.duplicates.candidates import settings as candidate_settings
+
+    key = pairs_file.rows_key(store, search_file, candidate_settings()) \
+        if pairs_cache is not None and search_file is not None else None
+    cached = pairs_file.load(pairs_cache, key, len(store)) if key is not None else None
+    candidates = cached.candidates if cached is not None else None
+    if candidates is None:
+        index = index() if callable(index) else index
+        candidates = _find(store, index, block_rows)
+        if pairs_cache is not None and search_file is not None:  # the search index may
+            key = pairs_file.rows_key(store, search_file, candidate_settings())  # be new
+    _, evidence = collect_evidence(store, index, paths, block_rows=block_rows,
+                                   workers=workers, cache=cache, on_start=on_start,
+                                   on_progress=on_progress, candidates=candidates)
+    x = pair_features(candidates, evidence) if len(candidates) else None
+    scores = pairs_file.scores_key(x, scorer.fingerprint) if x is not None else ""
+    if cached is not None and cached.probability is not None and cached.scores_key == scores:
+        probability = cached.probability
+    else:
+        probability = scorer.probability(x) if x is not None else np.zeros(0, np.float32)
+        if key is not None:
+            pairs_file.save(pairs_cache, pairs_file.CachedPairs(key, candidates, scores,
+                                                                probability))
     if len(candidates):  # the same bytes are a copy whatever the pixels show (a blank page)
         digests = np.asarray(store.read("digest"))
         same = (digests[candidates.i] == digests[candidates.j]) & (digests[candidates.i] != "")
@@ -66,17 +92,24 @@ def score_collection(store: IndexStore, index, scorer: CopyScorer, paths: list[s
     return ScoredPairs(candidates, evidence, probability)
 
 
+def _find(store: IndexStore, index, block_rows: int) -> Candidates:
+    return find_candidates(index, store.iter_embeddings(block_rows), store.read("phash"),
+                           lambda rows: np.asarray(store.read("embeddings", rows)))
+
+
 def collect_evidence(store: IndexStore, index, paths: list[str], *, block_rows: int = 16384,
                      workers: int | None = None, cache: Path | None = None,
                      on_start: Callable[[int], None] | None = None,
-                     on_progress: Callable[[int], None] | None = None
-                     ) -> tuple[Candidates, list[Evidence]]:
-    """The candidate pairs of an index and the verification of each (steps 1 and 2); with
+                     on_progress: Callable[[int], None] | None = None,
+                     candidates: Candidates | None = None
+                     ) -> tuple[Candidates, Sequence[Evidence]]:
+    """The candidate pairs of an index (`candidates`, when already known) and the
+    verification of each (steps 1 and 2); with
     `cache` (a file, `mgdedup.duplicates.evidence_cache`) pairs of unchanged files verified
     by an earlier run are not verified again, and this run's evidence is kept there.
     `on_start(pairs to verify)` and `on_progress(pairs verified)` follow the work."""
-    candidates = find_candidates(index, store.iter_embeddings(block_rows), store.read("phash"),
-                                 lambda rows: np.asarray(store.read("embeddings", rows)))
+    if candidates is None:
+        candidates = _find(store, index() if callable(index) else index, block_rows)
     if cache is None:
         if on_start is not None:
             on_start(len(candidates))
@@ -86,23 +119,52 @@ def collect_evidence(store: IndexStore, index, paths: list[str], *, block_rows: 
 
     keys = evidence_cache.pair_keys(store.read("digest"), candidates.i, candidates.j)
     known = evidence_cache.load(cache)
-    evidence: list[Evidence | None] = [known.get(k) if k is not None else None for k in keys]
-    todo = np.array([k for k, e in enumerate(evidence) if e is None], np.int64)
+    at = known.positions(keys)
+    todo = np.flatnonzero(at < 0)
     log.info("%d of %d candidate pairs verified by an earlier run", len(keys) - len(todo),
              len(keys))
     if on_start is not None:
         on_start(len(todo))
-    fresh = verify_pairs(paths, candidates.i[todo], candidates.j[todo], workers=workers,
-                         on_progress=on_progress)
-    for k, found in zip(todo.tolist(), fresh):
-        evidence[k] = found
-    complete: list[Evidence] = [e if e is not None else Evidence() for e in evidence]
-    if len(todo) or len(known) != len(keys):
+    fresh = EvidenceRows.of(verify_pairs(paths, candidates.i[todo], candidates.j[todo],
+                                         workers=workers, on_progress=on_progress))
+    if len(todo):  # evidence of bytes other than the indexed ones is not kept under their
+        # digests: it would stand for a byte-identical copy of the indexed file next time
+        changed = _changed_since_indexing(store, paths, np.concatenate(
+            [candidates.i[todo], candidates.j[todo]]))
+        if changed.any():
+            stale = todo[np.isin(candidates.i[todo], np.flatnonzero(changed))
+                         | np.isin(candidates.j[todo], np.flatnonzero(changed))]
+            keys = keys.copy()
+            keys[stale] = b""
+    cached = np.flatnonzero(at >= 0)
+    from_cache = known.rows(at[cached])
+    values = np.zeros((len(keys), from_cache.values.shape[1]))
+    values[cached], values[todo] = from_cache.values, fresh.values
+    cells = {int(cached[k]): c for k, c in from_cache.cells.items()}
+    cells.update({int(todo[k]): c for k, c in fresh.cells.items()})
+    evidence = EvidenceRows(values, cells)
+    if len(todo) or len(known) != len(np.unique(at[at >= 0])):  # new pairs, or gone ones
         try:
-            evidence_cache.save(cache, keys, complete)
+            evidence_cache.save(cache, keys, evidence)
         except MgdedupError as error:  # a cache that cannot be written costs time only
             log.warning("%s", error)
-    return candidates, complete
+    return candidates, evidence
+
+
+def _changed_since_indexing(store: IndexStore, paths: list[str], rows: np.ndarray
+                            ) -> np.ndarray:
+    """(N,) bool: rows among `rows` whose file's size or modification time is not its row's
+    (or that cannot be read)."""
+    changed = np.zeros(len(paths), bool)
+    sizes, mtimes = store.read("size"), store.read("mtime_ns")
+    for row in np.unique(rows).tolist():
+        try:
+            st = os.stat(paths[row])
+        except OSError:
+            changed[row] = True
+            continue
+        changed[row] = st.st_size != int(sizes[row]) or st.st_mtime_ns != int(mtimes[row])
+    return changed
 
 
 def component_groups(n: int, i: np.ndarray, j: np.ndarray, scores: np.ndarray,

@@ -18,12 +18,13 @@ import hashlib
 import io
 import logging
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from mgdedup.duplicates import local_match
-from mgdedup.duplicates.local_match import Evidence
+from mgdedup.duplicates.local_match import Evidence, EvidenceRows
 from mgdedup.files.atomic import replacing
 
 log = logging.getLogger(__name__)
@@ -55,24 +56,59 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def pair_keys(digests: np.ndarray, i: np.ndarray, j: np.ndarray) -> list[bytes | None]:
-    """One key per pair: the two digests in order (a pair is the same either way round),
-    None where a digest is missing."""
-    out: list[bytes | None] = []
-    for a, b in zip(i.tolist(), j.tolist()):
-        da, db = str(digests[a]), str(digests[b])
-        if len(da) != DIGEST_BYTES or len(db) != DIGEST_BYTES:
-            out.append(None)
-        else:
-            first, second = sorted((da, db))
-            out.append((first + second).encode("ascii"))
-    return out
+def pair_keys(digests: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """One key per pair (an S64 array): the two digests in order (a pair is the same either
+    way round), b"" where a digest is missing."""
+    codes = np.asarray(digests).astype(f"S{DIGEST_BYTES}")  # ASCII hex; longer ones are cut
+    valid = np.char.str_len(np.asarray(digests).astype(str)) == DIGEST_BYTES
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+    a, b = codes[i], codes[j]
+    first, second = np.where(a <= b, a, b), np.where(a <= b, b, a)
+    both = np.concatenate([first.view(np.uint8).reshape(-1, DIGEST_BYTES),
+                           second.view(np.uint8).reshape(-1, DIGEST_BYTES)], axis=1)
+    keys = np.ascontiguousarray(both).view(f"S{2 * DIGEST_BYTES}").reshape(-1)
+    return np.where(valid[i] & valid[j], keys, np.array(b"", f"S{2 * DIGEST_BYTES}"))
 
 
-def load(path: Path) -> dict[bytes, Evidence]:
-    """The cached evidence by pair key; empty when there is none or it fails a check."""
+class CachedEvidence:
+    """The cached evidence: keys sorted, a row of `Evidence.as_row` values per key and the
+    cell states of the framed ones (by key position)."""
+
+    def __init__(self, keys: np.ndarray | None = None, values: np.ndarray | None = None,
+                 cells: dict[int, bytes] | None = None) -> None:
+        self.keys = np.zeros(0, f"S{2 * DIGEST_BYTES}") if keys is None else keys
+        self.values = np.zeros((0, 9)) if values is None else values
+        self.cells = cells or {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        """The position of each key among the cached ones, -1 where it is not cached (or
+        empty)."""
+        keys = np.asarray(keys, f"S{2 * DIGEST_BYTES}")
+        if not len(self.keys) or not len(keys):
+            return np.full(len(keys), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where((self.keys[at] == keys) & (keys != b""), at, -1).astype(np.int64)
+
+    def get(self, key: bytes | None) -> Evidence | None:
+        if not key:
+            return None
+        at = int(self.positions(np.array([key]))[0])
+        return None if at < 0 else Evidence.from_row(self.values[at], self.cells.get(at))
+
+    def rows(self, positions: np.ndarray) -> EvidenceRows:
+        """The evidence at these positions (all >= 0), in their order."""
+        positions = np.asarray(positions, np.int64)
+        cells = {k: self.cells[p] for k, p in enumerate(positions.tolist()) if p in self.cells}
+        return EvidenceRows(self.values[positions], cells)
+
+
+def load(path: Path) -> CachedEvidence:
+    """The cached evidence; empty when there is none or it fails a check."""
     if not path.is_file():
-        return {}
+        return CachedEvidence()
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
@@ -90,26 +126,27 @@ def load(path: Path) -> dict[bytes, Evidence]:
             raise ValueError("values that are not finite")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
         log.info("verification cache %s ignored: %s", path, error)
-        return {}
-    framed = dict(zip(cell_rows.tolist(), cells))
-    out = {}
-    for row, (key, v) in enumerate(zip(keys.tolist(), values.tolist())):
-        cell = framed.get(row)
-        out[key] = Evidence(inliers=int(v[0]), cover_a=v[1], cover_b=v[2], angle=v[3],
-                            log_scale=v[4], mirrored=bool(v[5]), agree=int(v[6]),
-                            disagree=int(v[7]), ratio=v[8],
-                            cells=None if cell is None else cell.tobytes())
-    return out
+        return CachedEvidence()
+    ascending = len(keys) < 2 or bool((keys[1:] > keys[:-1]).all())  # as `save` writes
+    order = np.arange(len(keys)) if ascending else np.argsort(keys, kind="stable")
+    where = np.empty(len(order), np.int64)
+    where[order] = np.arange(len(order))
+    framed = {int(where[row]): cell.tobytes() for row, cell in zip(cell_rows.tolist(), cells)}
+    return CachedEvidence(keys[order], values[order], framed)
 
 
-def save(path: Path, keys: list[bytes | None], evidence: list[Evidence]) -> None:
+def save(path: Path, keys: np.ndarray, evidence: Sequence[Evidence]) -> None:
     """Keep the evidence of these pairs (those with a key), replacing the file atomically."""
-    kept = [(k, e) for k, e in zip(keys, evidence) if k is not None]
-    framed = [(row, e.cells) for row, (_, e) in enumerate(kept) if e.cells is not None]
+    rows = EvidenceRows.of(evidence)
+    keys = np.asarray(keys, f"S{2 * DIGEST_BYTES}")
+    keyed = np.flatnonzero(keys != b"")
+    unique, first = np.unique(keys[keyed], return_index=True)  # sorted
+    picked = keyed[first]
+    framed = [(row, rows.cells[k]) for row, k in enumerate(picked.tolist()) if k in rows.cells]
     arrays = {
         "settings": np.array(settings()),
-        "keys": np.array([k for k, _ in kept], dtype=f"S{2 * DIGEST_BYTES}"),
-        "values": np.array([e.as_row() for _, e in kept], np.float64).reshape(-1, 9),
+        "keys": unique.astype(f"S{2 * DIGEST_BYTES}"),
+        "values": rows.values[picked].reshape(-1, 9),
         "cell_rows": np.array([row for row, _ in framed], np.int64),
         "cells": np.array([np.frombuffer(c, np.uint8) for _, c in framed],
                           np.uint8).reshape(-1, CELLS),

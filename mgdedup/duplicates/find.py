@@ -18,7 +18,6 @@ from mgdedup.duplicates.keepers import KeeperRule, Traits, collect_traits, is_fr
 from mgdedup.duplicates.report_text import FileFacts
 from mgdedup.duplicates.score_norm import ScoreNorm, collection_background, normalise
 from mgdedup.errors import MgdedupError
-from mgdedup.index.faiss_index import ensure_index, range_pairs
 from mgdedup.index.layout import IndexDir
 from mgdedup.index.store import IndexStore
 from mgdedup.model.thresholds import DEFAULT_THRESHOLD
@@ -142,6 +141,8 @@ def find_duplicates(index_dir: Path, threshold: float | None = None,
                             keep, on_verify, on_verified)
     threshold, source, target = choose_threshold(index_dir, threshold, precision, score_norm,
                                                  on_calibrate, **calibrate_options)
+    from mgdedup.index.faiss_index import ensure_index, range_pairs  # FAISS: when searching
+
     with IndexDir(index_dir).open_store() as store:
         index = ensure_index(Path(index_dir), store)
         if score_norm is None:
@@ -268,13 +269,14 @@ def _find_copies(index_dir: Path, scorer: CopyScorer, threshold: float | None,
         threshold, source = scorer.default_threshold, "measured"
     from mgdedup.duplicates.copy_search import component_groups, score_collection
 
-    with IndexDir(index_dir).open_store() as store:
-        index = ensure_index(Path(index_dir), store)
+    where = IndexDir(index_dir)
+    with where.open_store() as store:
         facts = file_facts(store)
-        scored = score_collection(store, index, scorer, [f.path for f in facts],
-                                  block_rows=block_rows, workers=workers,
-                                  cache=IndexDir(index_dir).verified, on_start=on_verify,
-                                  on_progress=on_verified)
+        scored = score_collection(store, lambda: _search_index(Path(index_dir), store), scorer,
+                                  [f.path for f in facts], block_rows=block_rows,
+                                  workers=workers, cache=where.verified,
+                                  pairs_cache=where.candidates, search_file=where.faiss,
+                                  on_start=on_verify, on_progress=on_verified)
         kept = np.flatnonzero(scored.probability >= np.float32(threshold))
         framed = _framed_copies(scored, kept, facts)
         i, j, scores = scored.i[kept], scored.j[kept], scored.probability[kept]
@@ -290,6 +292,13 @@ def _find_copies(index_dir: Path, scorer: CopyScorer, threshold: float | None,
     return DedupResult(threshold=float(threshold), groups=groups, facts=facts,
                        threshold_source=source, target_precision=target, score_kind="copy",
                        keep_rule=keep.rule, gone=gone, traits=traits)
+
+
+def _search_index(index_dir: Path, store: IndexStore):
+    """The up-to-date search index (FAISS imported only when candidates are searched)."""
+    from mgdedup.index.faiss_index import ensure_index
+
+    return ensure_index(index_dir, store)
 
 
 def _framed_copies(scored, kept: np.ndarray, facts: list[FileFacts]) -> set[int]:
@@ -336,6 +345,8 @@ def _normalised_pairs(index, store: IndexStore, background: np.ndarray, norm: Sc
     radius = float(threshold) + norm.beta * float(background.min()) if norm.beta >= 0 else \
         float(threshold) + norm.beta * float(background.max())
     radius = min(radius, 1.0)
+    from mgdedup.index.faiss_index import range_pairs
+
     i, j, raw = range_pairs(index, store.iter_embeddings(block_rows), radius)
     scores = normalise(raw, background[i], background[j], norm)
     keep = scores >= np.float32(threshold)

@@ -15,22 +15,30 @@ third image, or no own-content cell, is there to tell (the copy score then decid
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 
-from mgdedup.duplicates.local_match import CELL_AGREE, CELL_DISAGREE, CELL_UNKNOWN, Evidence
+from mgdedup.duplicates.local_match import (
+    CELL_AGREE,
+    CELL_DISAGREE,
+    CELL_UNKNOWN,
+    Evidence,
+    EvidenceRows,
+)
 
 NOT_MEASURED = -1.0
 #: own-content cells needed for a third image to say anything
 MIN_CELLS = 2
 
 
-def frame_agreement(i: np.ndarray, j: np.ndarray, evidence: list[Evidence]) -> np.ndarray:
+def frame_agreement(i: np.ndarray, j: np.ndarray, evidence: Sequence[Evidence]
+                    ) -> np.ndarray:
     """Per pair (i[k], j[k]): the frame agreement (see the module docstring), in [0, 1] or
     NOT_MEASURED."""
     out = np.full(len(i), NOT_MEASURED)
-    framed = {k: np.frombuffer(e.cells, np.uint8) for k, e in enumerate(evidence)
-              if e.cells is not None}
+    framed = {k: np.frombuffer(cells, np.uint8)
+              for k, cells in sorted(EvidenceRows.of(evidence).cells.items())}
     if len(framed) < 2:
         return out
     mates: dict[int, list[tuple[int, int]]] = defaultdict(list)  # row -> (other row, pair)

@@ -29,10 +29,11 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 from PIL import Image
@@ -128,6 +129,48 @@ class Evidence:
     def as_row(self) -> list[float]:
         return [self.inliers, self.cover_a, self.cover_b, self.angle, self.log_scale,
                 float(self.mirrored), self.agree, self.disagree, self.ratio]
+
+    @classmethod
+    def from_row(cls, row: Sequence[float], cells: bytes | None = None) -> Evidence:
+        return cls(inliers=int(row[0]), cover_a=float(row[1]), cover_b=float(row[2]),
+                   angle=float(row[3]), log_scale=float(row[4]), mirrored=bool(row[5]),
+                   agree=int(row[6]), disagree=int(row[7]), ratio=float(row[8]), cells=cells)
+
+
+#: columns of `Evidence.as_row`
+EVIDENCE_COLUMNS = 9
+
+
+class EvidenceRows(Sequence[Evidence]):
+    """The evidence of many pairs as one array (a row per pair, as `Evidence.as_row`) and
+    the cell states of the framed ones: what scoring reads, without an object per pair (a
+    10,000-image collection has ~10^5 candidate pairs). Indexing gives an Evidence."""
+
+    def __init__(self, values: np.ndarray, cells: dict[int, bytes] | None = None) -> None:
+        self.values = np.asarray(values, np.float64).reshape(-1, EVIDENCE_COLUMNS)
+        self.cells = dict(cells or {})
+
+    @classmethod
+    def of(cls, evidence: Sequence[Evidence]) -> EvidenceRows:
+        if isinstance(evidence, EvidenceRows):
+            return evidence
+        return cls(np.array([e.as_row() for e in evidence], np.float64),
+                   {k: e.cells for k, e in enumerate(evidence) if e.cells is not None})
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @overload
+    def __getitem__(self, k: int) -> Evidence: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[Evidence]: ...
+
+    def __getitem__(self, k: int | slice) -> Evidence | list[Evidence]:
+        if isinstance(k, slice):
+            return [self[n] for n in range(*k.indices(len(self)))]
+        k = range(len(self))[k]  # negative positions, and IndexError past the end
+        return Evidence.from_row(self.values[k], self.cells.get(k))
 
 
 def _keypoints(grey: np.ndarray) -> Keypoints:

@@ -68,7 +68,10 @@ def background_from_neighbours(scores: np.ndarray, norm: ScoreNorm) -> np.ndarra
     finite = np.isfinite(scores)
     counts = finite.sum(axis=1)
     out = np.zeros(n, np.float64)
-    for row in range(n):
+    full = counts >= norm.skip + norm.k  # the usual case, at once
+    if full.any():
+        out[full] = scores[full, norm.skip:norm.skip + norm.k].mean(axis=1)
+    for row in np.flatnonzero(~full).tolist():
         have = int(counts[row])
         if have == 0:
             continue

@@ -11,6 +11,8 @@ otherwise) holds:
 ``decisions.json``  a person's verdicts on pairs (`mgdedup.duplicates.decisions`)
 ``verified.npz``    verification of candidate pairs, kept between runs (a cache:
                     `mgdedup.duplicates.evidence_cache`)
+``candidates.npz``  candidate pairs and their copy scores, kept between runs (a cache:
+                    `mgdedup.duplicates.pair_cache`)
 ``actions/``        manifests of applied actions, for `mgdedup undo`
 ``trash/``          bytes of deleted or linked duplicates, until undone or emptied
 ``lock``            held by the one writer (`mgdedup.index.lock`)
@@ -52,6 +54,7 @@ class IndexDir:
     CALIBRATION = "calibration.json"
     DECISIONS = "decisions.json"
     VERIFIED = "verified.npz"
+    CANDIDATES = "candidates.npz"
     ACTIONS = "actions"
     TRASH = "trash"
     LOCK = "lock"
@@ -83,6 +86,10 @@ class IndexDir:
     @property
     def verified(self) -> Path:
         return self.path / self.VERIFIED
+
+    @property
+    def candidates(self) -> Path:
+        return self.path / self.CANDIDATES
 
     @property
     def actions(self) -> Path:

@@ -60,7 +60,8 @@ DEFAULT_COPY_SCORE_FILE = (Path(__file__).resolve().parents[1] / "assets"
 def copy_scorer_for(model_name: str, resolution: int, whitening_id: str
                     ) -> CopyScorer | None:
     """The copy score fitted for descriptors of this model, resolution and whitening, None
-    when there is none (scores are then cosines). Read without loading the model itself."""
+    when there is none (scores are then cosines). Read without loading the model itself,
+    once per process while the file is unchanged (a command asks more than once)."""
     if model_name not in (DEFAULT_MODEL, *ALIASES) or not DEFAULT_COPY_SCORE_FILE.is_file():
         return None
     import json
@@ -68,14 +69,28 @@ def copy_scorer_for(model_name: str, resolution: int, whitening_id: str
     from mgdedup.duplicates.copy_score import CopyScorer
 
     try:
-        table = json.loads(DEFAULT_COPY_SCORE_FILE.read_text(encoding="utf-8"))
+        st = DEFAULT_COPY_SCORE_FILE.stat()
+        stamp = (str(DEFAULT_COPY_SCORE_FILE), st.st_size, st.st_mtime_ns)
+        if _copy_scores.get("stamp") != stamp:
+            table = json.loads(DEFAULT_COPY_SCORE_FILE.read_text(encoding="utf-8"))
+            _copy_scores.clear()
+            _copy_scores.update(stamp=stamp, table=table)
     except (OSError, ValueError) as error:
         raise MgdedupError(f"cannot read {DEFAULT_COPY_SCORE_FILE}: {error}; reinstall "
                            "mgdedup") from None
+    table = _copy_scores["table"]
     entry = table.get(str(int(resolution))) if isinstance(table, dict) else None
     if not isinstance(entry, dict) or entry.get("whitening_id") != whitening_id:
         return None
-    return CopyScorer.from_dict(entry.get("scorer"), str(DEFAULT_COPY_SCORE_FILE))
+    key = ("scorer", int(resolution))
+    if key not in _copy_scores:
+        _copy_scores[key] = CopyScorer.from_dict(entry.get("scorer"),
+                                                 str(DEFAULT_COPY_SCORE_FILE))
+    return _copy_scores[key]
+
+
+#: the copy score file as last read: "stamp" (path, size, mtime), "table", and scorers
+_copy_scores: dict = {}
 
 
 def load_whitening_table(path: Path) -> dict[int, Whitening]:

@@ -57,7 +57,7 @@ def search_index(index_dir: Path, queries: Sequence[Path], k: int = 10,
         hashes = store.read("phash") if scorer is not None else None
         results: list[QueryResult] = [QueryResult(str(q), []) for q in queries]
 
-        known: dict = {}
+        known = None  # evidence_cache.CachedEvidence of dedup's verified pairs
         digests = None
 
         def answer(positions: list[int], vectors: np.ndarray, phashes: Sequence[int],
@@ -162,7 +162,7 @@ def _indexed_rows(store, paths: list[str], queries: Sequence[Path]) -> dict[int,
 
 
 def _copy_results(store, index, scorer, paths: list[str], hashes: np.ndarray, query: Path,
-                  vector: np.ndarray, query_hash: int, k: int, known: dict | None = None,
+                  vector: np.ndarray, query_hash: int, k: int, known=None,
                   query_digest: str | None = None, digests: np.ndarray | None = None
                   ) -> QueryResult:
     """One query's results by copy score: its candidates verified against it and scored.
@@ -181,7 +181,7 @@ def _copy_results(store, index, scorer, paths: list[str], hashes: np.ndarray, qu
         both = np.array([query_digest, *digests[found.rows]], dtype=object)
         keys = pair_keys(both, np.zeros(len(found.rows), np.int64),
                          np.arange(1, len(found.rows) + 1))
-        evidence = [known.get(key) if key is not None else None for key in keys]
+        evidence = [known.get(key) for key in keys.tolist()]
     todo = [position for position, e in enumerate(evidence) if e is None]
     if todo:
         # candidate (row 1..) against the query (row 0), as before; every image's features
